@@ -1,0 +1,97 @@
+"""Reading and writing the four patch files: a header (ignored by ``git apply``) and a git diff.
+
+The header's first block is generated from the pin table, so the upstream URL and commit are
+never typed by hand; the description below it is kept from the previous patch (or taken from
+``--header``). The body is everything from the first ``diff --git`` line.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import List, Tuple
+
+from bevdepth_npu.errors import UserError
+from bevdepth_npu.pins import Pin
+
+_BODY_START = re.compile(rb"^diff --git ", re.M)
+_AUTO_KEYS = ("Upstream:", "Pin:", "Applies to:", "Apply:", "Regenerate:")
+
+
+def split(data: bytes) -> Tuple[bytes, bytes]:
+    """Return (header, body) of a patch file's bytes."""
+    m = _BODY_START.search(data)
+    if not m:
+        return data, b""
+    return data[:m.start()], data[m.start():]
+
+
+def auto_header(pin: Pin) -> str:
+    label = pin.commit if pin.kind == "git" else f"{pin.wheel} (sha256 {pin.wheel_sha256})"
+    return "\n".join([
+        f"{pin.patch}: bevdepth-npu changes to {pin.name}",
+        f"Upstream: {pin.url}",
+        f"Pin: {label} [{pin.ref}]",
+        f"Applies to: {pin.applied_to}",
+        f"Apply: {pin.how}",
+        f"Regenerate: bevdepth-npu export {pin.name} --from DIR (never edit the diff by hand)",
+    ]) + "\n"
+
+
+def description(header: bytes) -> str:
+    """The hand-written part of a header: everything after the generated block."""
+    lines = header.decode("utf-8").splitlines()
+    i = 0
+    if lines and ": bevdepth-npu changes to " in lines[0]:
+        i = 1
+        while i < len(lines) and lines[i].startswith(_AUTO_KEYS):
+            i += 1
+    rest = "\n".join(lines[i:]).strip("\n")
+    return rest
+
+
+def compose(pin: Pin, desc: str, body: bytes) -> bytes:
+    desc = desc.strip("\n")
+    for line in desc.splitlines():
+        # git apply would take these for the start of a diff in the header
+        if line.startswith(("diff --git ", "--- ", "+++ ")):
+            raise UserError(f"the description of {pin.patch} has a line git apply would "
+                            f"misread as a diff: {line!r}")
+    header = auto_header(pin) + ("\n" + desc + "\n" if desc else "") + "\n"
+    return header.encode("utf-8") + body
+
+
+def body_hash(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def touched_paths(body: bytes) -> List[str]:
+    """Paths (relative to the patch root) named by the diff, in order."""
+    paths = []
+    for m in re.finditer(rb"^diff --git a/(.+?) b/(.+)$", body, re.M):
+        path = m.group(2).decode("utf-8")
+        if path not in paths:
+            paths.append(path)
+    return paths
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        else:
+            os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

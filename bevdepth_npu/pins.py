@@ -1,0 +1,98 @@
+"""The one table of pinned upstreams.
+
+Everything else (the README, ``bevdepth-npu fetch/apply/export/check``, the environment builder and
+the tests) reads this table; nobody repeats a pin by hand.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Pin:
+    name: str            # short name used on the command line
+    aliases: Tuple[str, ...]
+    url: str             # official source
+    kind: str            # "git": a repository at a commit; "wheel": a PyPI wheel's package dir
+    commit: str          # full SHA ("git"), or the version (wheel)
+    ref: str             # the human label of the pin (branch/tag/version)
+    patch: str           # patch file at the top of this repository
+    applied_to: str      # what the patch paths are relative to
+    how: str             # how a user applies it by hand
+    wheel: Optional[str] = None       # PyPI requirement of the wheel ("wheel" kind)
+    wheel_sha256: Optional[str] = None
+    package_dir: Optional[str] = None  # directory inside the wheel / site-packages
+
+    @property
+    def short(self) -> str:
+        return self.commit[:8] if self.kind == "git" else self.commit
+
+
+PINS: Tuple[Pin, ...] = (
+    Pin(
+        name="bevdepth",
+        aliases=("BEVDepth",),
+        url="https://github.com/Megvii-BaseDetection/BEVDepth",
+        kind="git",
+        commit="d78c7b58b10b9ada940462ba83ab24d99cae5833",
+        ref="master (d78c7b5)",
+        patch="bevdepth.patch",
+        applied_to="the root of a BEVDepth checkout",
+        how="git apply bevdepth.patch",
+    ),
+    Pin(
+        name="mmcv",
+        aliases=(),
+        url="https://github.com/open-mmlab/mmcv",
+        kind="git",
+        commit="5e2b9a7b837d903bca00daf929ca5a461a8c7f50",
+        ref="1.x (v1.7.2 + 11 commits)",
+        patch="mmcv.patch",
+        applied_to="the root of an mmcv checkout",
+        how="git apply mmcv.patch; MMCV_WITH_OPS=1 pip install . (FORCE_NPU=1 on Ascend)",
+    ),
+    Pin(
+        name="mmdetection3d",
+        aliases=("mmdet3d",),
+        url="https://github.com/open-mmlab/mmdetection3d",
+        kind="git",
+        commit="c9541b0db89498fdea5cafd05b7b17f7b625b858",
+        ref="v1.0.0rc4",
+        patch="mmdetection3d.patch",
+        applied_to="the root of an mmdetection3d checkout (or the PyPI sdist mmdet3d==1.0.0rc4)",
+        how="git apply mmdetection3d.patch; pip install .",
+    ),
+    Pin(
+        name="lightning",
+        aliases=("pytorch_lightning", "pytorch-lightning"),
+        url="https://pypi.org/project/pytorch-lightning/1.6.5.post0/",
+        kind="wheel",
+        commit="1.6.5",
+        ref="pytorch-lightning 1.6.5 (PyPI 1.6.5.post0, same code)",
+        patch="lightning.patch",
+        applied_to="the installed site-packages/pytorch_lightning directory",
+        how="bevdepth-npu apply lightning (or: cd site-packages/pytorch_lightning && git apply)",
+        wheel="pytorch-lightning==1.6.5.post0",
+        wheel_sha256="b28b176d189065c8ba84c6ec50876436fa3d15f9f22c76c47d67d86c3e20311a",
+        package_dir="pytorch_lightning",
+    ),
+)
+
+BY_NAME: Dict[str, Pin] = {}
+for _pin in PINS:
+    for _key in (_pin.name,) + _pin.aliases:
+        BY_NAME[_key.lower()] = _pin
+
+
+def get(name: str) -> Pin:
+    """Look a pin up by name or alias (case-insensitive); unknown names list the valid ones."""
+    try:
+        return BY_NAME[name.lower()]
+    except KeyError:
+        raise KeyError(
+            f"unknown upstream {name!r}; known: {', '.join(p.name for p in PINS)}") from None
+
+
+def git_pins() -> Tuple[Pin, ...]:
+    return tuple(p for p in PINS if p.kind == "git")
