@@ -46,14 +46,20 @@ def _no_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
 
 
+def pins_markdown() -> str:
+    """The README's table of pins, generated so that nobody types a pin twice."""
+    from bevdepth_npu import pins
+    rows = ["| name | upstream | pin | patch | applied to |", "|---|---|---|---|---|"]
+    for p in pins.PINS:
+        pin = f"`{p.commit}`" if p.kind == "git" else f"`{p.wheel}` (sha256 `{p.wheel_sha256}`)"
+        rows.append(f"| {p.name} | {p.url} | {pin} ({p.ref}) | `{p.patch}` | {p.applied_to} |")
+    return "\n".join(rows) + "\n"
+
+
 def _run_pins(args: argparse.Namespace) -> int:
     from bevdepth_npu import pins
     if args.markdown:
-        print("| name | upstream | pin | patch | applied to |")
-        print("|---|---|---|---|---|")
-        for p in pins.PINS:
-            pin = p.commit if p.kind == "git" else f"{p.wheel}"
-            print(f"| {p.name} | {p.url} | `{pin}` ({p.ref}) | `{p.patch}` | {p.applied_to} |")
+        print(pins_markdown(), end="")
     else:
         for p in pins.PINS:
             print(f"{p.name:14s} {p.commit:42s} {p.patch:22s} {p.url}")

@@ -132,10 +132,9 @@ def read_patch(pin: Pin, patch_path: Optional[Path] = None) -> bytes:
 
 
 def patch_body(pin: Pin, patch_path: Optional[Path] = None) -> bytes:
-    body = split(read_patch(pin, patch_path))[1]
-    if not body:
-        raise UserError(f"{patch_path or paths.patch_file(pin)} holds no diff")
-    return body
+    """The diff of a patch file; empty for a header-only patch (one that records why the pin
+    needs no change)."""
+    return split(read_patch(pin, patch_path))[1]
 
 
 # ----------------------------------------------------------------------------- targets
@@ -219,14 +218,34 @@ def describe_other(current: bytes, body: bytes) -> str:
     return "; ".join(parts) or "the changes differ from the patch"
 
 
+def _applied_marker(pin: Pin, target: Path) -> Optional[Path]:
+    """Where a git checkout remembers the patch last applied to it (inside its .git)."""
+    if pin.kind != "git":
+        return None
+    return Path(gitutil.out(["rev-parse", "--absolute-git-dir"], cwd=target)) \
+        / "bevdepth-npu-applied.patch"
+
+
 def apply(pin: Pin, target: Path, revert: bool = False,
-          patch_path: Optional[Path] = None) -> str:
+          patch_path: Optional[Path] = None, replace_stale: bool = False) -> str:
     """Apply (or revert) the patch in ``target``; returns what happened. Refuses, unchanged,
-    anything that is neither the pin nor the pin plus exactly this patch."""
+    anything that is neither the pin nor the pin plus exactly this patch.
+
+    ``replace_stale``: a checkout that holds exactly the patch applied to it last time (an older
+    version of the repository's patch) is reset to the pin first; edits are never discarded.
+    """
     check_target(pin, target)
     body = patch_body(pin, patch_path)
+    if not body:
+        return f"{pin.patch} changes nothing (header only); nothing to do"
     git_dir = git_dir_for(pin, target)
     state, current = target_state(pin, target, body, git_dir)
+    marker = _applied_marker(pin, target)
+    if state == State.OTHER and replace_stale and marker is not None and marker.is_file() \
+            and marker.read_bytes() == current:
+        write_files(target, pristine_files(pin, git_dir, touched_paths(current)))
+        log(f"{pin.name}: removed the older version of {pin.patch} from {target}")
+        state, current = target_state(pin, target, body, git_dir)
     if state == State.OTHER:
         raise UserError(
             f"{target} has changes that are neither the pristine {pin.name} nor exactly "
@@ -239,6 +258,8 @@ def apply(pin: Pin, target: Path, revert: bool = False,
         state_after, _ = target_state(pin, target, body, git_dir)
         if state_after != State.CLEAN:
             raise UserError(f"revert of {pin.patch} in {target} did not restore the pin exactly")
+        if marker is not None and marker.is_file():
+            marker.unlink()
         return "reverted"
     if state == State.APPLIED:
         return "already applied; nothing to do"
@@ -248,6 +269,8 @@ def apply(pin: Pin, target: Path, revert: bool = False,
     if state_after != State.APPLIED:
         raise UserError(f"{pin.patch} was written to {target} but the result differs from the "
                         f"patch; revert with `bevdepth-npu apply {pin.name} --revert`")
+    if marker is not None:
+        atomic_write(marker, body)
     return "applied"
 
 
@@ -260,7 +283,7 @@ def _prune_empty_dirs(target: Path, rels: List[str]) -> None:
 
 
 def export(pin: Pin, source: Path, output: Optional[Path] = None,
-           header: Optional[Path] = None) -> str:
+           header: Optional[Path] = None, allow_empty: bool = False) -> str:
     """Regenerate the patch from an edited tree; keeps the hand-written description."""
     output = output or paths.patch_file(pin)
     if pin.kind == "git" and gitutil.is_work_tree(source):
@@ -272,9 +295,9 @@ def export(pin: Pin, source: Path, output: Optional[Path] = None,
         check_target(pin, source)
     git_dir = git_dir_for(pin, source)
     body = diff_tree(pin, source, git_dir)
-    if not body:
-        raise UserError(f"{source} does not differ from the pin of {pin.name}; "
-                        f"refusing to write an empty {output.name}")
+    if not body and not allow_empty:
+        raise UserError(f"{source} does not differ from the pin of {pin.name}; refusing to "
+                        f"write an empty {output.name} (--allow-empty writes a header-only patch)")
     if header is not None:
         desc = header.read_text("utf-8")
     elif output.is_file():
@@ -288,12 +311,15 @@ def export(pin: Pin, source: Path, output: Optional[Path] = None,
     return f"wrote {output} ({len(touched_paths(body))} files, body sha256 {body_hash(body)[:12]})"
 
 
-def check(pin: Pin) -> str:
+def check(pin: Pin, patch_path: Optional[Path] = None) -> str:
     """The patch applies cleanly to its pin and re-exports to the same bytes."""
-    data = read_patch(pin)
+    data = read_patch(pin, patch_path)
     header, body = split(data)
+    if compose(pin, description(header), body) != data:
+        raise UserError(f"{pin.patch}: its header is not the generated one for the pin table; "
+                        f"re-export it")
     if not body:
-        raise UserError(f"{pin.patch} holds no diff")
+        return f"{pin.patch}: header only, the pin needs no change"
     git_dir = git_dir_for(pin, paths.source_dir(pin.name))
     files = patched_files(pin, git_dir, body)
     with tempfile.TemporaryDirectory(prefix="bevdepth-npu-check-") as tmp:
@@ -304,9 +330,6 @@ def check(pin: Pin) -> str:
         raise UserError(f"{pin.patch}: applying it to the pin and exporting again gives "
                         f"different bytes; regenerate it with `bevdepth-npu export {pin.name} "
                         f"--from DIR` (was it edited by hand?)")
-    if compose(pin, description(header), body) != data:
-        raise UserError(f"{pin.patch}: its header is not the generated one for the pin table; "
-                        f"re-export it")
     return f"{pin.patch}: applies to {pin.short} and re-exports identically " \
            f"({len(touched_paths(body))} files)"
 
@@ -343,6 +366,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
                    help="patch file to write (default: the repository's)")
     p.add_argument("--header", type=Path, metavar="FILE",
                    help="replace the patch's description with this file's text")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="write a header-only patch when DIR equals the pin")
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -350,7 +375,8 @@ def run_export(args: argparse.Namespace) -> int:
     source = (args.source or paths.tree_dir(pin.name)).resolve()
     if not source.is_dir():
         raise UserError(f"{source} is not a directory")
-    log(export(pin, source, output=args.output, header=args.header))
+    log(export(pin, source, output=args.output, header=args.header,
+               allow_empty=args.allow_empty))
     return 0
 
 

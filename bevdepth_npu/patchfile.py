@@ -28,14 +28,15 @@ def split(data: bytes) -> Tuple[bytes, bytes]:
     return data[:m.start()], data[m.start():]
 
 
-def auto_header(pin: Pin) -> str:
+def auto_header(pin: Pin, empty: bool = False) -> str:
     label = pin.commit if pin.kind == "git" else f"{pin.wheel} (sha256 {pin.wheel_sha256})"
+    how = "nothing to apply (header only: the pin is used as it is)" if empty else pin.how
     return "\n".join([
         f"{pin.patch}: bevdepth-npu changes to {pin.name}",
         f"Upstream: {pin.url}",
         f"Pin: {label} [{pin.ref}]",
         f"Applies to: {pin.applied_to}",
-        f"Apply: {pin.how}",
+        f"Apply: {how}",
         f"Regenerate: bevdepth-npu export {pin.name} --from DIR (never edit the diff by hand)",
     ]) + "\n"
 
@@ -59,7 +60,7 @@ def compose(pin: Pin, desc: str, body: bytes) -> bytes:
         if line.startswith(("diff --git ", "--- ", "+++ ")):
             raise UserError(f"the description of {pin.patch} has a line git apply would "
                             f"misread as a diff: {line!r}")
-    header = auto_header(pin) + ("\n" + desc + "\n" if desc else "") + "\n"
+    header = auto_header(pin, empty=not body) + ("\n" + desc + "\n" if desc else "") + "\n"
     return header.encode("utf-8") + body
 
 

@@ -1,0 +1,355 @@
+"""``bevdepth-npu env``: build or reuse one virtualenv with the whole patched stack.
+
+    bevdepth-npu env [--device auto|cpu|cuda|npu] [--venv DIR] [--python EXE] [--rebuild STAGE]
+
+Stages, each with a progress line, each skipped when what went into it is unchanged (recorded in
+``<venv>/bevdepth-npu-env.json``): the venv itself; torch 2.1.0 + torchvision 0.16.0 (on npu:
+checks the torch/torch_npu/mx_driving you installed, never installs CANN); requirements.txt;
+mmcv-full from the pin + mmcv.patch (MMCV_WITH_OPS=1, FORCE_NPU=1 on npu); mmdet3d from the pin +
+mmdetection3d.patch; lightning.patch into the venv's pytorch_lightning; the patched BEVDepth in
+develop mode (CUDA extensions only where CUDA is present); this helper package. Wheels built from
+pinned sources are cached under ``<cache>/wheels`` keyed by source commit, patch hash, torch,
+Python and device, so a second environment, or a rebuilt one, takes seconds for them.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from bevdepth_npu import paths, pins, upstream
+from bevdepth_npu.errors import UserError
+from bevdepth_npu.patchfile import atomic_write, split
+
+TORCH = "torch==2.1.0"
+TORCHVISION = "torchvision==0.16.0"
+BUILD_TOOLS = ("setuptools==69.5.1", "wheel==0.43.0", "ninja==1.11.1.1")
+# Installed without their own requirements (see requirements.txt for why)
+NO_DEPS = ("lyft_dataset_sdk==0.0.8",)
+DEVICES = ("auto", "cpu", "cuda", "npu")
+STAMP = "bevdepth-npu-env.json"
+IMPORT_CHECK = "import mmcv.ops, mmdet3d, pytorch_lightning, bevdepth"
+log = upstream.log
+
+
+def detect_device() -> str:
+    """npu where the Ascend toolkit is set up, cuda where an NVIDIA driver answers, else cpu."""
+    if os.environ.get("ASCEND_TOOLKIT_HOME") or os.environ.get("ASCEND_HOME_PATH") \
+            or shutil.which("npu-smi"):
+        return "npu"
+    smi = shutil.which("nvidia-smi")
+    if smi and subprocess.run([smi, "-L"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL).returncode == 0:
+        return "cuda"
+    return "cpu"
+
+
+def _sha(*parts: object) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else str(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _patch_body_hash(pin: pins.Pin) -> str:
+    path = paths.patch_file(pin)
+    return _sha(split(path.read_bytes())[1]) if path.is_file() else "none"
+
+
+class Env:
+    def __init__(self, venv: Path, device: str, base_python: str, verbose: bool):
+        self.venv = venv
+        self.device = device
+        self.base_python = base_python
+        self.verbose = verbose
+        self.python = str(venv / "bin" / "python")
+        self.logs = venv / "bevdepth-npu-logs"
+        self.stamp_path = venv / STAMP
+        self.stamp: Dict[str, str] = {}
+        if self.stamp_path.is_file():
+            try:
+                self.stamp = json.loads(self.stamp_path.read_text())
+            except ValueError:
+                self.stamp = {}
+
+    # -------------------------------------------------------------- helpers
+    def save_stamp(self) -> None:
+        atomic_write(self.stamp_path, (json.dumps(self.stamp, indent=1, sort_keys=True) + "\n")
+                     .encode())
+
+    def sh(self, cmd: List[str], stage: str, env: Optional[Dict[str, str]] = None,
+           cwd: Optional[Path] = None, progress: Optional[Callable[[], str]] = None) -> str:
+        """Run ``cmd``, output to the stage's log; a heartbeat line every 30 s; clear failure."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        logfile = self.logs / f"{stage}.log"
+        full_env = dict(os.environ)
+        full_env.update({"PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONNOUSERSITE": "1"})
+        full_env.pop("PYTHONPATH", None)
+        full_env.update(env or {})
+        t0 = time.monotonic()
+        with open(logfile, "a") as fh:
+            fh.write(f"\n$ {' '.join(cmd)}\n")
+            fh.flush()
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env,
+                                    cwd=str(cwd) if cwd else None)
+            stop = threading.Event()
+
+            def beat() -> None:
+                while not stop.wait(30):
+                    extra = f", {progress()}" if progress else ""
+                    log(f"  {stage}: still running ({time.monotonic() - t0:.0f} s{extra})")
+
+            thread = threading.Thread(target=beat, daemon=True)
+            thread.start()
+            code = proc.wait()
+            stop.set()
+        if code != 0:
+            tail = logfile.read_text(errors="replace").splitlines()[-25:]
+            raise UserError(f"{stage}: `{' '.join(cmd[:6])} ...` failed (exit {code}); last "
+                            f"lines of {logfile}:\n  " + "\n  ".join(tail))
+        return logfile.read_text(errors="replace")
+
+    def pip(self, args: List[str], stage: str, **kw) -> None:
+        self.sh([self.python, "-m", "pip", "install", "--no-input", *args], stage, **kw)
+
+    def py(self, code: str) -> subprocess.CompletedProcess:
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)
+        return subprocess.run([self.python, "-c", code], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, env=env, cwd=str(self.venv))
+
+    def torch_version(self) -> str:
+        proc = self.py("import torch; print(torch.__version__)")
+        return proc.stdout.decode().strip().splitlines()[-1] if proc.returncode == 0 else "none"
+
+    def python_tag(self) -> str:
+        proc = self.py("import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')")
+        return proc.stdout.decode().strip()
+
+    # -------------------------------------------------------------- stages
+    def stage_venv(self) -> None:
+        if not (self.venv / "bin" / "python").exists():
+            cmd = [self.base_python, "-m", "venv", str(self.venv)]
+            if self.device == "npu":
+                # torch, torch_npu and mx_driving come with the CANN setup of the machine
+                cmd.insert(3, "--system-site-packages")
+            self.venv.parent.mkdir(parents=True, exist_ok=True)
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            if proc.returncode != 0:
+                raise UserError(f"creating {self.venv} with {self.base_python} failed: "
+                                f"{proc.stdout.decode().strip()}")
+        self.pip(list(BUILD_TOOLS), "venv")
+
+    def stage_torch(self) -> None:
+        if self.device == "npu":
+            proc = self.py("import torch, torch_npu; print(torch.__version__, torch_npu.__version__)")
+            if proc.returncode != 0:
+                raise UserError(
+                    "on npu this environment uses the torch and torch_npu of your CANN setup, "
+                    f"and {self.python} cannot import them:\n  "
+                    + proc.stdout.decode().strip().splitlines()[-1]
+                    + "\nInstall CANN (8.0 or newer) and `source set_env.sh`, then install "
+                      "torch==2.1.0 (the +cpu build from download.pytorch.org) and the torch_npu "
+                      "2.1.0 wheel that matches your CANN into the base Python, and run this "
+                      "again (bevdepth-npu never installs CANN)")
+            if not proc.stdout.decode().startswith("2.1.0"):
+                raise UserError(f"on npu torch 2.1.0 is required; found {proc.stdout.decode()}")
+            self.pip([TORCHVISION, "--no-deps"], "torch")
+            return
+        self.pip([TORCH, TORCHVISION, "numpy==1.23.5"], "torch")
+
+    def constraints(self) -> Path:
+        path = self.venv / "bevdepth-npu-constraints.txt"
+        path.write_text(f"torch=={self.torch_version()}\n{TORCHVISION}\n")
+        return path
+
+    def stage_requirements(self) -> None:
+        self.pip(["-r", str(paths.REPO_ROOT / "requirements.txt"),
+                  "-c", str(self.constraints())], "requirements")
+        self.pip(["--no-deps", *NO_DEPS], "requirements")
+
+    def _wheel(self, pin: pins.Pin, stage: str, build_env: Dict[str, str],
+               expected_objects: int = 0) -> None:
+        tree = sync_tree(pin)
+        key = _sha(pin.commit, _patch_body_hash(pin), self.torch_version(), self.python_tag(),
+                   self.device, sorted(build_env.items()))
+        cache = paths.wheels_dir() / pin.name / key
+        wheels = sorted(cache.glob("*.whl")) if cache.is_dir() else []
+        if wheels:
+            log(f"  {stage}: reusing cached wheel {wheels[0].name} ({key})")
+        else:
+            log(f"  {stage}: building a wheel from {tree} (cached afterwards as {key})")
+
+            def progress() -> str:
+                done = len(list((tree / "build").rglob("*.o"))) if (tree / "build").is_dir() else 0
+                return f"{done}/{expected_objects} C++ files compiled" if expected_objects else ""
+
+            tmp = Path(tempfile.mkdtemp(prefix=f".{pin.name}-", dir=str(paths.wheels_dir())))
+            try:
+                self.sh([self.python, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
+                         "-w", str(tmp), str(tree)], stage,
+                        env=dict(build_env, MAX_JOBS=str(max(1, len(os.sched_getaffinity(0))))),
+                        progress=progress if expected_objects else None)
+                built = sorted(tmp.glob("*.whl"))
+                if len(built) != 1:
+                    raise UserError(f"{stage}: expected one wheel in {tmp}, found {built}")
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                if cache.exists():
+                    shutil.rmtree(cache)
+                tmp.rename(cache)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+            wheels = sorted(cache.glob("*.whl"))
+        self.pip(["--no-deps", "--force-reinstall", str(wheels[0])], stage)
+
+    def stage_mmcv(self) -> None:
+        env = {"MMCV_WITH_OPS": "1"}
+        if self.device == "npu":
+            env["FORCE_NPU"] = "1"
+        elif self.device == "cuda":
+            env["FORCE_CUDA"] = "1"
+        self._wheel(pins.get("mmcv"), "mmcv", env, expected_objects=73 if self.device == "cpu" else 0)
+
+    def stage_mmdet3d(self) -> None:
+        self._wheel(pins.get("mmdetection3d"), "mmdet3d", {})
+
+    def stage_lightning(self) -> None:
+        proc = subprocess.run([self.python, "-m", "bevdepth_npu", "apply", "lightning"],
+                              cwd=str(paths.REPO_ROOT), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            # an older lightning.patch (or a hand edit) is in there: start from the wheel again
+            log("  lightning: installed files are not pristine 1.6.5; reinstalling the wheel")
+            self.pip(["--no-deps", "--force-reinstall", pins.get("lightning").wheel], "lightning")
+            proc = subprocess.run([self.python, "-m", "bevdepth_npu", "apply", "lightning"],
+                                  cwd=str(paths.REPO_ROOT), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT)
+            if proc.returncode != 0:
+                raise UserError(f"lightning: {proc.stdout.decode().strip()}")
+        log("  lightning: " + proc.stdout.decode().strip().splitlines()[-1].split("] ", 1)[-1])
+
+    def stage_bevdepth(self) -> None:
+        tree = sync_tree(pins.get("bevdepth"))
+        env = {"FORCE_CUDA": "1"} if self.device == "cuda" else {}
+        self.pip(["--no-deps", "--no-build-isolation", "-e", str(tree)], "bevdepth", env=env)
+
+    def stage_helper(self) -> None:
+        self.pip(["--no-deps", "-e", str(paths.REPO_ROOT)], "helper")
+
+    def stage_verify(self) -> None:
+        checks = [IMPORT_CHECK]
+        if self.device == "npu":
+            checks.append("import torch_npu, mx_driving")
+        for code in checks:
+            proc = self.py(code)
+            if proc.returncode != 0:
+                out = proc.stdout.decode().strip().splitlines()
+                hint = ""
+                if "mx_driving" in code:
+                    hint = ("\nmx_driving comes from Ascend DrivingSDK: build it for your CANN and "
+                            "torch_npu (see its README) and pip install the wheel into the base Python")
+                raise UserError(f"`python -c \"{code}\"` fails in {self.venv}: "
+                                f"{out[-1] if out else ''}{hint}")
+
+
+def sync_tree(pin: pins.Pin) -> Path:
+    """The working tree trees/NAME holding exactly the repository's patch (if there is one)."""
+    from bevdepth_npu import patches
+    tree = patches.ensure_tree(pin)
+    if not paths.patch_file(pin).is_file():
+        log(f"  {pin.name}: no {pin.patch} in the repository; using the pristine pin")
+        return tree
+    patches.apply(pin, tree, replace_stale=True)
+    return tree
+
+
+STAGES = ("venv", "torch", "requirements", "mmcv", "mmdet3d", "lightning", "bevdepth", "helper",
+          "verify")
+
+
+def stage_keys(env: Env) -> Dict[str, str]:
+    req = (paths.REPO_ROOT / "requirements.txt").read_bytes()
+    return {
+        "venv": _sha(BUILD_TOOLS, env.base_python),
+        "torch": _sha(TORCH, TORCHVISION, env.device),
+        "requirements": _sha(req, NO_DEPS),
+        "mmcv": _sha(pins.get("mmcv").commit, _patch_body_hash(pins.get("mmcv")), env.device),
+        "mmdet3d": _sha(pins.get("mmdetection3d").commit,
+                        _patch_body_hash(pins.get("mmdetection3d"))),
+        "lightning": _sha(_patch_body_hash(pins.get("lightning"))),
+        "bevdepth": _sha(pins.get("bevdepth").commit, _patch_body_hash(pins.get("bevdepth")),
+                         env.device, paths.tree_dir("bevdepth")),
+        "helper": _sha(paths.REPO_ROOT),
+        "verify": "always",
+    }
+
+
+def build(device: str = "auto", venv: Optional[Path] = None, python: Optional[str] = None,
+          rebuild: Optional[List[str]] = None, verbose: bool = False) -> Path:
+    device = detect_device() if device == "auto" else device
+    venv = (venv or paths.venv_dir(device)).expanduser().resolve()
+    env = Env(venv, device, python or sys.executable, verbose)
+    missing = [p.name for p in pins.PINS if not upstream.source_ready(p)]
+    if missing:
+        raise UserError(f"the pinned sources of {', '.join(missing)} are not in the cache "
+                        f"{paths.cache_dir()}; run `bevdepth-npu fetch` first (with --mirror "
+                        f"NAME=PATH where GitHub is unreachable)")
+    log(f"env: {device} environment in {venv}")
+    t_all = time.monotonic()
+    keys = stage_keys(env)
+    forced = set(rebuild or [])
+    if "all" in forced:
+        forced = set(STAGES)
+    changed = False
+    for i, stage in enumerate(STAGES, 1):
+        key = keys[stage]
+        if stage != "verify" and not changed and stage not in forced \
+                and env.stamp.get(stage) == key and (venv / "bin" / "python").exists():
+            log(f"[{i}/{len(STAGES)}] {stage}: up to date")
+            continue
+        # a stage that changed invalidates the ones after it (they build on it)
+        changed = changed or stage != "verify"
+        t0 = time.monotonic()
+        log(f"[{i}/{len(STAGES)}] {stage}: ...")
+        getattr(env, f"stage_{stage}")()
+        env.stamp[stage] = key
+        env.save_stamp()
+        log(f"[{i}/{len(STAGES)}] {stage}: done in {time.monotonic() - t0:.0f} s")
+    log(f"env: ready in {time.monotonic() - t_all:.0f} s; activate with "
+        f"`source {venv}/bin/activate`")
+    return venv
+
+
+# ----------------------------------------------------------------------------- command line
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="stack to build: auto (npu if the Ascend toolkit is set up, cuda if "
+                        "nvidia-smi answers, else cpu)")
+    p.add_argument("--venv", type=Path, metavar="DIR",
+                   help="where to build it (default: <cache>/venvs/<device>-py<X.Y>)")
+    p.add_argument("--python", metavar="EXE",
+                   help="base interpreter for a new venv (default: the one running this)")
+    p.add_argument("--rebuild", action="append", choices=STAGES + ("all",), metavar="STAGE",
+                   help="redo STAGE and the ones after it even if unchanged (repeatable; "
+                        f"{', '.join(STAGES)}, all)")
+    p.add_argument("--print-python", action="store_true",
+                   help="only print the environment's python path on stdout at the end")
+
+
+def run(args: argparse.Namespace) -> int:
+    venv = build(args.device, args.venv, args.python, args.rebuild)
+    if args.print_python:
+        print(venv / "bin" / "python")
+    return 0

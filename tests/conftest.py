@@ -1,0 +1,29 @@
+"""Shared fixtures. Layers: tests/unit need only this package; tests/integration need the pinned
+upstream checkouts (``bevdepth-npu fetch``) and most of them the environment (``bevdepth-npu env``);
+they skip with a reason naming what is missing and the command that provides it."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bevdepth_npu import paths, pins, upstream  # noqa: E402
+
+
+def require_source(name: str) -> Path:
+    """The pristine cached checkout of ``name``, or a skip that says how to get it."""
+    pin = pins.get(name)
+    if not upstream.source_ready(pin):
+        pytest.skip(f"no pinned checkout of {pin.name} in {paths.source_dir(pin.name)}; "
+                    f"run `bevdepth-npu fetch {pin.name}` (--mirror {pin.name}=PATH offline)")
+    return paths.source_dir(pin.name)
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO_ROOT
