@@ -28,7 +28,8 @@ from typing import Callable, Dict, List, Optional
 
 from bevdepth_npu import paths, pins, upstream
 from bevdepth_npu.errors import UserError
-from bevdepth_npu.patchfile import atomic_write, split
+from bevdepth_npu.fsutil import atomic_write
+from bevdepth_npu.patchfile import split
 
 TORCH = "torch==2.1.0"
 TORCHVISION = "torchvision==0.16.0"

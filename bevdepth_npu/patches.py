@@ -17,7 +17,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from bevdepth_npu import gitutil, paths, pins, upstream
 from bevdepth_npu.errors import UserError
-from bevdepth_npu.patchfile import (atomic_write, body_hash, compose, description, split,
+from bevdepth_npu.fsutil import atomic_write
+from bevdepth_npu.patchfile import (body_hash, compose, description, split,
                                     touched_paths)
 from bevdepth_npu.pins import Pin
 

@@ -6,7 +6,6 @@ Run: python -m pytest tests/integration/test_pins.py  (after `bevdepth-npu fetch
 """
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import tarfile
