@@ -171,7 +171,8 @@ class Env:
 
     def constraints(self) -> Path:
         path = self.venv / "bevdepth-npu-constraints.txt"
-        path.write_text(f"torch=={self.torch_version()}\n{TORCHVISION}\n")
+        # without the local label (+cu121, +cpu): an installed 2.1.0+cpu satisfies torch==2.1.0
+        path.write_text(f"torch=={self.torch_version().split('+')[0]}\n{TORCHVISION}\n")
         return path
 
     def stage_requirements(self) -> None:
@@ -195,6 +196,7 @@ class Env:
                 done = len(list((tree / "build").rglob("*.o"))) if (tree / "build").is_dir() else 0
                 return f"{done}/{expected_objects} C++ files compiled" if expected_objects else ""
 
+            paths.wheels_dir().mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{pin.name}-", dir=str(paths.wheels_dir())))
             try:
                 self.sh([self.python, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
@@ -282,7 +284,7 @@ STAGES = ("venv", "torch", "requirements", "mmcv", "mmdet3d", "lightning", "bevd
 def stage_keys(env: Env) -> Dict[str, str]:
     req = (paths.REPO_ROOT / "requirements.txt").read_bytes()
     return {
-        "venv": _sha(BUILD_TOOLS, env.base_python),
+        "venv": _sha(BUILD_TOOLS),
         "torch": _sha(TORCH, TORCHVISION, env.device),
         "requirements": _sha(req, NO_DEPS),
         "mmcv": _sha(pins.get("mmcv").commit, _patch_body_hash(pins.get("mmcv")), env.device),

@@ -26,7 +26,7 @@ else
     light="$cache/venvs/light-$("$PYTHON" -c 'import sys; print("py%d.%d" % sys.version_info[:2])')"
     [ -x "$light/bin/python" ] || "$PYTHON" -m venv "$light"
     "$light/bin/python" -m pip install --quiet --disable-pip-version-check \
-        -r requirements-test.txt numpy==1.23.5 pillow matplotlib pyquaternion nuscenes-devkit==1.1.11
+        -r requirements-test.txt numpy==1.23.5 pillow matplotlib pyquaternion "nuscenes-devkit==1.2.0; python_version >= '3.9'" "nuscenes-devkit==1.1.11; python_version < '3.9'"
     venv_python="$light/bin/python"
 fi
 "$venv_python" -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
