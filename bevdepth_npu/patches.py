@@ -22,11 +22,11 @@ from bevdepth_npu.patchfile import (body_hash, compose, description, split,
                                     touched_paths)
 from bevdepth_npu.pins import Pin
 
-# Build products and caches that are never part of a patch.
+# Build products and caches that are never part of a patch (taken out of the scratch index after
+# `git add -A`: naming them in an add pathspec makes git refuse when upstream ignores them too).
 EXCLUDES = (
-    ":(exclude,glob)**/__pycache__/**", ":(exclude,glob)**/*.pyc", ":(exclude,glob)**/*.so",
-    ":(exclude,glob)**/*.egg-info/**", ":(exclude,glob)build/**", ":(exclude,glob)dist/**",
-    ":(exclude,glob)**/.pytest_cache/**",
+    ":(glob)**/__pycache__/**", ":(glob)**/*.pyc", ":(glob)**/*.so", ":(glob)**/*.egg-info/**",
+    ":(glob)build/**", ":(glob)dist/**", ":(glob)**/.pytest_cache/**",
 )
 LIGHTNING_VERSIONS = ("1.6.5", "1.6.5.post0")
 log = upstream.log
@@ -63,11 +63,11 @@ def diff_tree(pin: Pin, target: Path, git_dir: Path,
             in_pin = set(gitutil.out(["ls-tree", "-r", "--name-only", commit, "--", *spec],
                                      cwd=target, env=env).splitlines())
             spec = [rel for rel in spec if rel in in_pin or os.path.lexists(target / rel)]
-        if spec:
-            gitutil.run(mode + ["add", "-A", "--ignore-errors", "--", *spec, *EXCLUDES],
-                        cwd=target, env=env)
-        else:
+        if not spec:
             return b""
+        gitutil.run(mode + ["add", "-A", "--", *spec], cwd=target, env=env)
+        gitutil.run(["rm", "-r", "-q", "--cached", "--ignore-unmatch", "--", *EXCLUDES],
+                    cwd=target, env=env)
         proc = gitutil.run(mode + ["diff", "--cached", "--full-index", "--binary", "--no-color",
                                    "--no-ext-diff", "--no-textconv", "--no-renames",
                                    "--diff-algorithm=myers", "--src-prefix=a/",
