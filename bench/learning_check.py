@@ -1,0 +1,324 @@
+"""Learning check: the smoke experiment memorises a few synthetic samples (issue 4).
+
+    python -m bench.learning_check                       # from the repository root, in the env
+    python -m bench.learning_check --steps 200 --eval-every 50 --samples 4 --learning-rate 5e-4
+    python -m bench.learning_check --python ~/.cache/bevdepth-npu/venvs/cpu-py3.11/bin/python
+
+It generates a synthetic nuScenes whose mini_val scene holds ``--samples`` key frames, trains
+bevdepth/exps/nuscenes/smoke/bev_depth_lss_r18_smoke_2key.py on exactly those samples through its
+own command line (the path test/train_smoke.sh takes), and every ``--eval-every`` steps evaluates
+the checkpoint on the same samples with the nuScenes devkit. It prints loss and mAP against steps
+and training time, and writes learning_check.json and learning_check.png into a fresh run
+directory. Target: mAP >= 0.3 at the end. A benchmark, not a test: the exit status is 0 when every
+stage ran, whether or not the target was met (the verdict is printed and in the JSON); 1 when a
+stage failed; 2 for bad arguments.
+
+How the run is set up, and why:
+  - the training info file holds the evaluated samples repeated ``R`` times, each copy with its
+    own scene token (so the previous key frame of the two-key-frame input is always the true one),
+    with R chosen so that one epoch is ``--eval-every`` steps: the recipe's MultiStepLR milestones
+    (epochs 19 and 23) then fall beyond the run, as they fall beyond any short run;
+  - training runs in segments of ``--eval-every`` steps, each continuing from the previous
+    segment's checkpoint (``--resume PATH``: weights, optimizer, schedule, step and random state),
+    so each evaluation sees the model of that step and the run is the one an uninterrupted
+    training would make;
+  - the learning rate per sample defaults to 5e-4 (1e-3 for the batch of 2), not the recipe's
+    2e-4/64: the recipe's rate is meant for 10,000 steps, this check has a few hundred;
+  - loss per step comes from the BEVDEPTH_STEP lines of the training logs (bevdepth_npu.steplog);
+    training time is the sum of their step times (process start-up and checkpoint loading left
+    out), or the wall time of the training processes when the tree writes no step lines.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from bevdepth_npu.fsutil import atomic_write
+from bevdepth_npu.steplog import parse_step_log
+
+EXP_RELATIVE = Path("bevdepth/exps/nuscenes/smoke/bev_depth_lss_r18_smoke_2key.py")
+TARGET_MAP = 0.3
+DEFAULT_STEPS = 200          # mAP passes 0.3 at about 150-200 steps on 4 samples (see README)
+DEFAULT_EVAL_EVERY = 50      # four points on the mAP curve; each evaluation costs ~25 s on CPU
+DEFAULT_SAMPLES = 4          # one scene of 4 key frames: "a few samples"
+DEFAULT_BATCH = 2
+DEFAULT_LR_PER_SAMPLE = 5e-4
+DEFAULT_SYNTH_SEED = 0
+LOSS_WINDOW = 10             # steps averaged into the loss printed at each evaluation
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class CheckError(RuntimeError):
+    """A stage failed; the message names it and its log."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.learning_check",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
+                   help="training steps in all (default %(default)s)")
+    p.add_argument("--eval-every", type=_positive_int, default=DEFAULT_EVAL_EVERY,
+                   help="evaluate every N steps and at the end (default %(default)s)")
+    p.add_argument("--samples", type=int, choices=range(2, 41), default=DEFAULT_SAMPLES,
+                   metavar="N", help="samples trained and evaluated on, 2-40 (default %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH,
+                   help="samples per step (default %(default)s)")
+    p.add_argument("--learning-rate", type=_positive_float, default=DEFAULT_LR_PER_SAMPLE,
+                   help="learning rate per sample; times the batch size (default %(default)s)")
+    p.add_argument("--synth-seed", type=int, default=DEFAULT_SYNTH_SEED,
+                   help="seed of the synthetic dataset (default %(default)s)")
+    p.add_argument("--device", choices=("cpu", "cuda", "npu"),
+                   help="training device (default: what BEVDepth picks: npu, cuda, else cpu)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="data loader processes (default: 1 on cpu, 4 otherwise)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="cpu only: torch threads (default: OMP_NUM_THREADS, else cores minus "
+                        "loader processes, at least 1)")
+    p.add_argument("--python", default=sys.executable,
+                   help="interpreter of the bevdepth-npu environment (default: this one)")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="run directory to create (default: bench-results/learning_check_<time>)")
+    return p
+
+
+# ------------------------------------------------------------------------------------------ steps
+
+def _run(cmd: Sequence[str], log: Path, env: Dict[str, str], cwd: Path, what: str) -> float:
+    """Run ``cmd`` with its output in ``log``; return its wall time; raise CheckError on failure."""
+    start = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as handle:
+        handle.write(" ".join(str(c) for c in cmd) + "\n")
+        handle.flush()
+        rc = subprocess.call([str(c) for c in cmd], stdout=handle, stderr=subprocess.STDOUT,
+                             env=env, cwd=str(cwd))
+    wall_s = time.perf_counter() - start
+    if rc != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+        raise CheckError(f"{what} failed (exit {rc}); log {log}:\n  " + "\n  ".join(tail))
+    return wall_s
+
+
+def _query(python: str, code: str, env: Dict[str, str]) -> str:
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise CheckError(f"{python} -c {code!r} failed:\n{out.stderr.strip()}")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def repeat_infos(infos: List[Dict[str, Any]], copies: int) -> List[Dict[str, Any]]:
+    """``copies`` copies of ``infos``, each with scene tokens of its own."""
+    repeated = []
+    for copy_index in range(copies):
+        for info in infos:
+            item = dict(info)
+            item["scene_token"] = f"{info['scene_token']}-copy{copy_index}"
+            repeated.append(item)
+    return repeated
+
+
+def newest_checkpoint(root: Path) -> Optional[Path]:
+    last = root / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last
+    found = list(root.rglob("*.ckpt"))
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, str(p))) if found else None
+
+
+def plot(path: Path, points: List[Dict[str, Any]], steps: List[Dict[str, float]],
+         title: str) -> None:
+    # Figure + Agg canvas: no global backend, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 9), constrained_layout=True)
+    FigureCanvasAgg(figure)
+    loss_ax, map_ax, time_ax = figure.subplots(3, 1)
+    if steps:
+        loss_ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], linewidth=1)
+        loss_ax.set_yscale("log")
+    else:
+        loss_ax.text(0.5, 0.5, "no BEVDEPTH_STEP lines in the training logs",
+                     ha="center", va="center", transform=loss_ax.transAxes)
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("training loss")
+    map_ax.plot([p["step"] for p in points], [p["mAP"] for p in points], marker="o", label="mAP")
+    map_ax.plot([p["step"] for p in points], [p["NDS"] for p in points], marker="s", label="NDS")
+    map_ax.axhline(TARGET_MAP, color="grey", linestyle="--", label=f"target mAP {TARGET_MAP}")
+    map_ax.set_xlabel("step")
+    map_ax.set_ylabel("on the training samples")
+    map_ax.legend(loc="lower right")
+    time_ax.plot([p["train_time_s"] for p in points], [p["mAP"] for p in points], marker="o")
+    time_ax.axhline(TARGET_MAP, color="grey", linestyle="--")
+    time_ax.set_xlabel("training time (s)")
+    time_ax.set_ylabel("mAP")
+    figure.suptitle(title)
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100,
+                                                     metadata={"Software": None}))
+
+
+def run_check(args: argparse.Namespace) -> Dict[str, Any]:
+    started_s = time.time()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    python = args.python
+    bevdepth_root = Path(_query(
+        python, "import os, bevdepth; print(os.path.dirname(os.path.dirname(bevdepth.__file__)))",
+        env))
+    exp = bevdepth_root / EXP_RELATIVE
+    if not exp.is_file():
+        raise CheckError(f"{exp} is missing: {bevdepth_root} is not the patched BEVDepth tree")
+    device = args.device or _query(
+        python, "from bevdepth.utils import device; print(device.device_type())", env)
+    workers = args.num_workers if args.num_workers is not None else (1 if device == "cpu" else 4)
+    if device == "cpu":
+        # More torch threads than free cores make every step wait for the slowest thread.
+        threads = args.threads or (int(env["OMP_NUM_THREADS"]) if env.get("OMP_NUM_THREADS")
+                                   else max(1, len(os.sched_getaffinity(0)) - workers))
+        env["OMP_NUM_THREADS"] = str(threads)
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = (args.out_dir or Path("bench-results") / f"learning_check_{stamp}").resolve()
+    run_dir.mkdir(parents=True, exist_ok=False)
+    print(f"learning_check: run directory {run_dir}", flush=True)
+
+    # --- data: mini_val scene = the samples; the training infos repeat them
+    data = run_dir / "data"
+    _run([python, "-m", "bevdepth_npu", "synth", "--out", data, "--scenes", "2",
+          "--samples-per-scene", args.samples, "--seed", args.synth_seed, "--quiet"],
+         run_dir / "synth.log", env, REPO_ROOT, "bevdepth-npu synth")
+    _run([python, "scripts/gen_info.py", "--data-root", data, "--version", "v1.0-mini"],
+         run_dir / "gen_info.log", env, bevdepth_root, "scripts/gen_info.py")
+    _run([python, "scripts/gen_depth_gt.py", "--data-root", data],
+         run_dir / "gen_depth_gt.log", env, bevdepth_root, "scripts/gen_depth_gt.py")
+    with open(data / "nuscenes_infos_val.pkl", "rb") as handle:
+        val_infos = pickle.load(handle)
+    copies = max(1, math.ceil(args.eval_every * args.batch_size / len(val_infos)))
+    train_infos = repeat_infos(val_infos, copies)
+    atomic_write(data / "nuscenes_infos_train.pkl", pickle.dumps(train_infos))
+    print(f"learning_check: {len(val_infos)} samples (scene {val_infos[0]['scene_token'][:8]}), "
+          f"training infos repeat them {copies}x; device {device}"
+          + (f", {env['OMP_NUM_THREADS']} torch threads" if device == "cpu" else ""), flush=True)
+
+    common = ["--data_root", data, "--device", device, "--seed", "0", "--batch_size_per_device",
+              args.batch_size, "--num_workers", workers, "--enable_progress_bar", "false"]
+    milestones = list(range(args.eval_every, args.steps, args.eval_every)) + [args.steps]
+    points: List[Dict[str, Any]] = []
+    step_records: Dict[int, Dict[str, float]] = {}
+    checkpoint: Optional[Path] = None
+    train_time_s = 0.0
+    header = f"{'step':>6} {'train time s':>13} {'loss':>10} {'mAP':>7} {'NDS':>7}"
+    print(header, flush=True)
+    for milestone in milestones:
+        segment = run_dir / f"train_{milestone:05d}"
+        cmd = [python, exp, *common, "--learning_rate", args.learning_rate,
+               "--max_steps", milestone, "--max_epochs", "-1", "--default_root_dir", segment]
+        cmd += ["--resume", checkpoint if checkpoint is not None else "none"]
+        segment.mkdir()
+        wall_s = _run(cmd, segment / "train.log", env, bevdepth_root,
+                      f"training to step {milestone}")
+        checkpoint = newest_checkpoint(segment)
+        if checkpoint is None:
+            raise CheckError(f"training to step {milestone} wrote no checkpoint below {segment}")
+        segment_records = parse_step_log(segment / "train.log").records
+        for record in segment_records:
+            step_records[record.step] = dict(step=record.step, loss=record.loss,
+                                             step_time_s=record.step_time_s)
+        # Steps' own times leave out process start-up; without step lines, the process's.
+        train_time_s += (sum(r.step_time_s for r in segment_records) if segment_records
+                         else wall_s)
+        evaluation = run_dir / f"eval_{milestone:05d}"
+        evaluation.mkdir()
+        _run([python, exp, "-e", "--ckpt_path", checkpoint, *common,
+              "--default_root_dir", evaluation],
+             evaluation / "eval.log", env, bevdepth_root, f"evaluation at step {milestone}")
+        metrics_path = evaluation / "metrics_summary.json"
+        if not metrics_path.is_file():
+            raise CheckError(f"evaluation at step {milestone} wrote no {metrics_path}")
+        with open(metrics_path, encoding="utf-8") as handle:
+            metrics = json.load(handle)
+        logged = [step_records[s] for s in sorted(step_records) if s <= milestone]
+        recent = [r["loss"] for r in logged[-LOSS_WINDOW:]]
+        point = dict(
+            step=milestone,
+            train_time_s=round(train_time_s, 3),
+            train_time_source="step log" if segment_records else "process wall time",
+            loss=(sum(recent) / len(recent)) if recent else None,
+            mAP=metrics["mean_ap"], NDS=metrics["nd_score"],
+            checkpoint=str(checkpoint), metrics=str(metrics_path))
+        points.append(point)
+        loss_text = f"{point['loss']:.4g}" if point["loss"] is not None else "n/a"
+        print(f"{milestone:>6} {point['train_time_s']:>13.1f} {loss_text:>10} "
+              f"{point['mAP']:>7.4f} {point['NDS']:>7.4f}", flush=True)
+
+    final = points[-1]
+    steps = [step_records[s] for s in sorted(step_records)]
+    result = dict(
+        check="learning", target_mAP=TARGET_MAP, passed=final["mAP"] >= TARGET_MAP,
+        final_mAP=final["mAP"], final_NDS=final["NDS"], points=points, steps=steps,
+        settings=dict(steps=args.steps, eval_every=args.eval_every, samples=len(val_infos),
+                      batch_size=args.batch_size, learning_rate_per_sample=args.learning_rate,
+                      synth_seed=args.synth_seed, device=device, num_workers=workers,
+                      torch_threads=env.get("OMP_NUM_THREADS"), experiment=str(EXP_RELATIVE),
+                      info_copies=copies),
+        wall_time_s=round(time.time() - started_s, 1),
+        notes=([] if steps else ["no BEVDEPTH_STEP lines in the training logs: no loss per step; "
+                                 "training time is the wall time of the training processes"]))
+    atomic_write(run_dir / "learning_check.json",
+                 (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
+    plot(run_dir / "learning_check.png", points, steps,
+         f"smoke experiment on {len(val_infos)} synthetic samples, batch {args.batch_size}, "
+         f"lr {args.learning_rate:g}/sample, {device}")
+    verdict = "PASS" if result["passed"] else "FAIL"
+    print(f"learning_check: final mAP {final['mAP']:.4f} (target >= {TARGET_MAP}: {verdict}), "
+          f"NDS {final['NDS']:.4f}, wall time {result['wall_time_s']:.0f} s", flush=True)
+    print(f"learning_check: wrote {run_dir / 'learning_check.json'} and "
+          f"{run_dir / 'learning_check.png'}", flush=True)
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run_check(args)
+    except CheckError as err:
+        print(f"learning_check: error: {err}", file=sys.stderr)
+        return 1
+    except FileExistsError as err:
+        print(f"learning_check: error: {err.filename} exists; choose another --out-dir",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
