@@ -181,12 +181,9 @@ def _propose(spec: tx.ClassSpec, ego: EgoPath, duration_s: float, rng: np.random
     """One random instance of ``spec`` near the road, placed relative to the ego at a random time."""
     name = spec.detection_name
     moving = bool(rng.uniform() < spec.moving_fraction)
-    variant = float(rng.uniform())
-    attribute = tx.attribute_for(name, moving, variant)
+    attribute = tx.attribute_for(name, moving)
     scale = rng.uniform(0.9, 1.1, 3)
     w, l, h = (float(round(v * f, 3)) for v, f in zip(spec.size_wlh_m, scale))
-    if attribute == "pedestrian.sitting_lying_down":
-        h = float(round(h * 0.65, 3))
 
     t_ref_s = float(rng.uniform(0.0, duration_s)) if duration_s > 0 else 0.0
     s_ref = ego.speed_mps * t_ref_s + float(rng.uniform(-0.9, 0.9)) * spec.eval_range_m

@@ -92,7 +92,9 @@ def test_lines_of_a_lightning_fit_parse_back(tmp_path):
 
 def test_gradient_accumulation_logs_optimizer_steps(tmp_path):
     model, text = _fit(tmp_path, accumulate=3)
+    assert len(text.splitlines()) == 2
     log = steplog.parse_step_lines(text.splitlines(keepends=True))
+    assert not log.malformed
     assert [r.step for r in log.records] == [1, 2]   # 2 epochs of 3 batches, 1 update each
     assert [r.epoch for r in log.records] == [0, 1]
     assert all(0 <= r.data_time_s <= r.step_time_s for r in log.records)

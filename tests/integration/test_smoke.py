@@ -28,6 +28,7 @@ from typing import Dict, List
 
 import pytest
 
+from bevdepth_npu.steplog import parse_step_log
 from tests.integration import _bevdepth_helpers
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +79,7 @@ def smoke_run(bevdepth_root, tmp_path_factory):
     base = tmp_path_factory.mktemp("smoke")
     env = _env(BEVDEPTH_NPU_CACHE=str(base / "cache"), DEVICE="cpu")
     args = [f"--python={sys.executable}", f"--output-root={base / 'out'}", f"--steps={STEPS}",
-            "--batch-size=1", "--scenes=2", "--samples-per-scene=2"]
+            "--batch-size=1", "--scenes=2", "--samples-per-scene=2", "--warmup-steps=1"]
     proc = _run_script(args, env)
     return dict(base=base, env=env, args=args, proc=proc)
 
@@ -111,7 +112,8 @@ def test_train_smoke_writes_metrics_json_summary_and_loss_curve(smoke_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["mAP"] == pytest.approx(metrics["mean_ap"], rel=1e-5)
     assert summary["NDS"] == pytest.approx(metrics["nd_score"], rel=1e-5)
-    assert summary["steps_total"] == STEPS
+    assert summary["steps_total"] == STEPS and summary["steps_measured"] == STEPS - 1
+    assert summary["complete"] is True and summary["ActualFPS"] > 0
     assert math.isfinite(summary["ActualLoss"])
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run_dir / f"{CASE_NAME}.log").read_text().startswith("Network = ")
@@ -120,8 +122,9 @@ def test_train_smoke_writes_metrics_json_summary_and_loss_curve(smoke_run):
     assert run["status"] == "completed" and run["mode"] == "full" and run["steps"] == STEPS
     assert run["start_time_s"] <= run["train_start_s"] < run["train_end_s"] <= run["end_time_s"]
     assert Path(run["checkpoint"]).is_file() and run_dir in Path(run["checkpoint"]).parents
-    steps = re.findall(r"^BEVDEPTH_STEP step=(\d+) ", (run_dir / "train_0.log").read_text(), re.M)
-    assert [int(s) for s in steps] == list(range(1, STEPS + 1))
+    step_log = parse_step_log(run_dir / "train_0.log")
+    assert [r.step for r in step_log.records] == list(range(1, STEPS + 1))
+    assert step_log.malformed == []
 
     device_dir = smoke_run["base"] / "out" / "0"
     assert (device_dir / "latest").resolve() == run_dir.resolve()
@@ -157,6 +160,9 @@ def test_train_smoke_rejects_bad_settings():
     proc = subprocess.run(["bash", str(SCRIPT), "--device=tpu"], cwd=str(REPO_ROOT), env=_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.returncode == 1 and "DEVICE='tpu' must be one of" in proc.stdout
+    proc = subprocess.run(["bash", str(SCRIPT), "--steps=5"], cwd=str(REPO_ROOT), env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.returncode == 1 and "WARMUP_STEPS=5 must be below STEPS=5" in proc.stdout
     proc = subprocess.run(["bash", str(SCRIPT), "--help"], cwd=str(REPO_ROOT), env=_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.returncode == 0 and "--steps=N" in proc.stdout and "Usage:" in proc.stdout
