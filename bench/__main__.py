@@ -27,28 +27,9 @@ from typing import List, Optional
 
 from bench import BENCHMARKS, harness, load
 from bevdepth_npu import paths
+from bevdepth_npu.argtypes import non_negative_int, positive_int
 
 DEFAULT_WARMUP = 1  # one untimed run per variant: first calls pay allocation and lazy set-up
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

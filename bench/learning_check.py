@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from bevdepth_npu.fsutil import atomic_write
+from bevdepth_npu.argtypes import positive_float, positive_int
 from bevdepth_npu.steplog import parse_step_log
 
 EXP_RELATIVE = Path("bevdepth/exps/nuscenes/smoke/bev_depth_lss_r18_smoke_2key.py")
@@ -62,39 +63,19 @@ class CheckError(RuntimeError):
     """A stage failed; the message names it and its log."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.learning_check",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
+    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
                    help="training steps in all (default %(default)s)")
-    p.add_argument("--eval-every", type=_positive_int, default=DEFAULT_EVAL_EVERY,
+    p.add_argument("--eval-every", type=positive_int, default=DEFAULT_EVAL_EVERY,
                    help="evaluate every N steps and at the end (default %(default)s)")
     p.add_argument("--samples", type=int, choices=range(2, 41), default=DEFAULT_SAMPLES,
                    metavar="N", help="samples trained and evaluated on, 2-40 (default %(default)s)")
-    p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH,
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH,
                    help="samples per step (default %(default)s)")
-    p.add_argument("--learning-rate", type=_positive_float, default=DEFAULT_LR_PER_SAMPLE,
+    p.add_argument("--learning-rate", type=positive_float, default=DEFAULT_LR_PER_SAMPLE,
                    help="learning rate per sample; times the batch size (default %(default)s)")
     p.add_argument("--synth-seed", type=int, default=DEFAULT_SYNTH_SEED,
                    help="seed of the synthetic dataset (default %(default)s)")
@@ -102,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training device (default: what BEVDepth picks: npu, cuda, else cpu)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="data loader processes (default: 1 on cpu, 4 otherwise)")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="cpu only: torch threads (default: OMP_NUM_THREADS, else cores minus "
                         "loader processes, at least 1)")
     p.add_argument("--python", default=sys.executable,

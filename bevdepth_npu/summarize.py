@@ -64,6 +64,7 @@ import re
 import sys
 from typing import Any, Callable, Dict, IO, List, Optional, Sequence, Tuple
 
+from bevdepth_npu.argtypes import non_negative_int, positive_int
 from bevdepth_npu.fsutil import atomic_write
 from bevdepth_npu.steplog import StepLog, log_has_step_marker, parse_step_log
 
@@ -579,26 +580,6 @@ def summarize(
 # ---------------------------------------------------------------------------------------------
 # command line
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``bevdepth-npu summarize``."""
     parser.add_argument("run_dir", metavar="RUN_DIR",
@@ -615,16 +596,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--case-name", default=None,
                         help="CaseName, also the name of the .log (default: run.json case_name, "
                              "else Network_bsBatchSize_RankSizep_acc|perf|eval)")
-    parser.add_argument("--rank-size", type=_count, default=None,
+    parser.add_argument("--rank-size", type=positive_int, default=None,
                         help="number of devices (default: run.json rank_size)")
-    parser.add_argument("--batch-size", type=_count, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="batch per device (default: run.json batch_size_per_device)")
     parser.add_argument("--device-type", default=None,
                         help="DeviceType (default: run.json device_type)")
-    parser.add_argument("--warmup-steps", type=_non_negative, default=DEFAULT_WARMUP_STEPS,
+    parser.add_argument("--warmup-steps", type=non_negative_int, default=DEFAULT_WARMUP_STEPS,
                         help="steps left out of speed figures at the start of every process run "
                              "(default: %(default)s)")
-    parser.add_argument("--loss-window", type=_count, default=DEFAULT_LOSS_WINDOW,
+    parser.add_argument("--loss-window", type=positive_int, default=DEFAULT_LOSS_WINDOW,
                         help="ActualLoss is the mean loss of this many last steps "
                              "(default: %(default)s)")
     parser.add_argument("--no-plot", action="store_true",

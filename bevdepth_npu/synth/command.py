@@ -12,37 +12,26 @@ from __future__ import annotations
 import argparse
 import os
 
+from bevdepth_npu.argtypes import int_range
 from bevdepth_npu.synth import taxonomy as tx
-
-
-def _count(low: int, high: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
-        return value
-    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="dataset root to create (nuScenes layout; must be empty or new)")
-    parser.add_argument("--scenes", type=_count(1, tx.MAX_SCENES), default=tx.DEFAULT_SCENES, metavar="N",
+    parser.add_argument("--scenes", type=int_range(1, tx.MAX_SCENES), default=tx.DEFAULT_SCENES, metavar="N",
                         help=f"scenes, named after the devkit's v1.0-mini scenes alternating "
                              f"mini_train/mini_val (1-{tx.MAX_SCENES}; default %(default)s)")
-    parser.add_argument("--samples-per-scene", type=_count(2, tx.MAX_SAMPLES_PER_SCENE),
+    parser.add_argument("--samples-per-scene", type=int_range(2, tx.MAX_SAMPLES_PER_SCENE),
                         default=tx.DEFAULT_SAMPLES_PER_SCENE, metavar="N",
                         help=f"key frames per scene, 0.5 s apart (2-{tx.MAX_SAMPLES_PER_SCENE}; "
                              f"default %(default)s)")
-    parser.add_argument("--sweeps", type=_count(0, tx.MAX_SWEEPS), default=tx.DEFAULT_SWEEPS, metavar="N",
+    parser.add_argument("--sweeps", type=int_range(0, tx.MAX_SWEEPS), default=tx.DEFAULT_SWEEPS, metavar="N",
                         help=f"non-key frames per sensor before each key frame, at the real 12 Hz "
                              f"camera / 20 Hz lidar spacing (0-{tx.MAX_SWEEPS}; default %(default)s)")
-    parser.add_argument("--seed", type=_count(0, 2 ** 63 - 1), default=tx.DEFAULT_SEED, metavar="S",
+    parser.add_argument("--seed", type=int_range(0, 2 ** 63 - 1), default=tx.DEFAULT_SEED, metavar="S",
                         help="random seed; the same seed gives byte-identical files (default %(default)s)")
-    parser.add_argument("--workers", type=_count(1, 256), default=None, metavar="N",
+    parser.add_argument("--workers", type=int_range(1, 256), default=None, metavar="N",
                         help="processes rendering images and point clouds "
                              "(default: one per core, at most four)")
     parser.add_argument("--force", action="store_true",
