@@ -29,6 +29,19 @@ bd_fail() {
     exit "$rc"
 }
 
+# Evaluate CKPT with CARDS processes of BATCH samples into the run's eval log; on failure mark the
+# run failed and exit with the evaluation's status (HINT: what the user can do next).
+bd_eval_or_fail() {
+    local ckpt=$1 cards=$2 batch=$3 hint=$4 rc=0
+    bd_link "eval_${ASCEND_DEVICE_ID}.log" "$(basename "$RUN_DIR")/eval_${ASCEND_DEVICE_ID}.log"
+    bd_eval "$ckpt" "$cards" "$batch" || rc=$?
+    if ((rc != 0)); then
+        bd_finish_run failed
+        BD_FINISHED=1
+        bd_fail "$rc" "evaluation failed (exit $rc). Log: $RUN_DIR/eval_${ASCEND_DEVICE_ID}.log${hint:+. $hint}"
+    fi
+}
+
 # Print the calling script's header comment (from line 2 to the first line that is not a
 # comment): the one place where its usage is written.
 bd_usage() {
@@ -568,14 +581,8 @@ bd_train_script() {
     if [[ $mode == full && $NODE_RANK == 0 ]]; then
         local ckpt=$RUN_DIR/checkpoints/last.ckpt
         [[ -f $ckpt ]] || { bd_finish_run failed; BD_FINISHED=1; bd_die "training ended without $ckpt; nothing to evaluate"; }
-        bd_link "eval_${ASCEND_DEVICE_ID}.log" "$(basename "$RUN_DIR")/eval_${ASCEND_DEVICE_ID}.log"
-        rc=0
-        bd_eval "$ckpt" "$EVAL_CARDS" "$EVAL_BATCH_SIZE" || rc=$?
-        if ((rc != 0)); then
-            bd_finish_run failed
-            BD_FINISHED=1
-            bd_fail "$rc" "evaluation failed (exit $rc). Log: $RUN_DIR/eval_${ASCEND_DEVICE_ID}.log. The same command evaluates again without retraining."
-        fi
+        bd_eval_or_fail "$ckpt" "$EVAL_CARDS" "$EVAL_BATCH_SIZE" \
+            "The same command evaluates again without retraining."
     fi
     bd_finish_run completed
     BD_FINISHED=1
@@ -673,17 +680,10 @@ bd_eval_script() {
     bd_note "new run directory $RUN_DIR"
     bd_lock_run_dir
     bd_start_run eval
-    bd_link "eval_${ASCEND_DEVICE_ID}.log" "$(basename "$RUN_DIR")/eval_${ASCEND_DEVICE_ID}.log"
     trap 'bd_on_exit' EXIT
     trap 'exit 130' INT
     trap 'exit 143' TERM
-    local rc=0
-    bd_eval "$CKPT" "$CARDS" "$BATCH_SIZE" || rc=$?
-    if ((rc != 0)); then
-        bd_finish_run failed
-        BD_FINISHED=1
-        bd_fail "$rc" "evaluation failed (exit $rc). Log: $RUN_DIR/eval_${ASCEND_DEVICE_ID}.log"
-    fi
+    bd_eval_or_fail "$CKPT" "$CARDS" "$BATCH_SIZE" ""
     bd_finish_run completed
     BD_FINISHED=1
     bd_summarize || bd_die "the summary of $RUN_DIR is incomplete (see the warnings above)"
