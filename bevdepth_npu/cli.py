@@ -52,7 +52,8 @@ def pins_markdown() -> str:
     rows = ["| name | upstream | pin | patch | applied to |", "|---|---|---|---|---|"]
     for p in pins.PINS:
         pin = f"`{p.commit}`" if p.kind == "git" else f"`{p.wheel}` (sha256 `{p.wheel_sha256}`)"
-        rows.append(f"| {p.name} | {p.url} | {pin} ({p.ref}) | `{p.patch}` | {p.applied_to} |")
+        patch = f"`{p.patch}`" if p.patched else "none"
+        rows.append(f"| {p.name} | {p.url} | {pin} ({p.ref}) | {patch} | {p.applied_to} |")
     return "\n".join(rows) + "\n"
 
 
@@ -62,7 +63,7 @@ def _run_pins(args: argparse.Namespace) -> int:
         print(pins_markdown(), end="")
     else:
         for p in pins.PINS:
-            print(f"{p.name:14s} {p.commit:42s} {p.patch:22s} {p.url}")
+            print(f"{p.name:14s} {p.commit:42s} {p.patch or '(reference)':22s} {p.url}")
     return 0
 
 

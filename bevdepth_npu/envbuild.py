@@ -303,7 +303,7 @@ def build(device: str = "auto", venv: Optional[Path] = None, python: Optional[st
     device = detect_device() if device == "auto" else device
     venv = (venv or paths.venv_dir(device)).expanduser().resolve()
     env = Env(venv, device, python or sys.executable, verbose)
-    missing = [p.name for p in pins.PINS if not upstream.source_ready(p)]
+    missing = [p.name for p in pins.patched_pins() if not upstream.source_ready(p)]
     if missing:
         raise UserError(f"the pinned sources of {', '.join(missing)} are not in the cache "
                         f"{paths.cache_dir()}; run `bevdepth-npu fetch` first (with --mirror "

@@ -337,9 +337,19 @@ def check(pin: Pin, patch_path: Optional[Path] = None) -> str:
 
 # ----------------------------------------------------------------------------- command line
 
+def patched_pin(name: str) -> Pin:
+    """The pin ``name``, refusing a reference pin (it has no patch)."""
+    pin = pins.get(name)
+    if not pin.patched:
+        raise UserError(f"{pin.name} is a reference upstream without a patch ({pin.applied_to}); "
+                        f"patched upstreams: {', '.join(p.name for p in pins.patched_pins())}")
+    return pin
+
+
 def add_apply_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME|all",
-                   help="upstream to patch: " + ", ".join(x.name for x in pins.PINS) + " or all")
+                   help="upstream to patch: " + ", ".join(x.name for x in pins.patched_pins())
+                        + " or all")
     p.add_argument("--into", type=Path, metavar="DIR",
                    help="target directory (default: the cached working tree trees/NAME; for "
                         "lightning the installed pytorch_lightning of this Python)")
@@ -349,7 +359,7 @@ def add_apply_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_apply(args: argparse.Namespace) -> int:
-    selected = list(pins.PINS) if args.name == "all" else [pins.get(args.name)]
+    selected = list(pins.patched_pins()) if args.name == "all" else [patched_pin(args.name)]
     if args.into and len(selected) > 1:
         raise UserError("--into needs a single NAME, not all")
     for pin in selected:
@@ -360,7 +370,8 @@ def run_apply(args: argparse.Namespace) -> int:
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", metavar="NAME", help="upstream: " + ", ".join(x.name for x in pins.PINS))
+    p.add_argument("name", metavar="NAME",
+                   help="upstream: " + ", ".join(x.name for x in pins.patched_pins()))
     p.add_argument("--from", dest="source", type=Path, metavar="DIR",
                    help="edited tree to export (default: the cached working tree trees/NAME)")
     p.add_argument("--output", type=Path, metavar="FILE",
@@ -372,7 +383,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    pin = pins.get(args.name)
+    pin = patched_pin(args.name)
     source = (args.source or paths.tree_dir(pin.name)).resolve()
     if not source.is_dir():
         raise UserError(f"{source} is not a directory")
@@ -386,7 +397,7 @@ def add_check_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    selected = [pins.get(n) for n in args.names] if args.names else list(pins.PINS)
+    selected = [patched_pin(n) for n in args.names] if args.names else list(pins.patched_pins())
     failed = 0
     for pin in selected:
         try:

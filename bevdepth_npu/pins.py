@@ -2,6 +2,11 @@
 
 Everything else (the README, ``bevdepth-npu fetch/apply/export/check``, the environment builder and
 the tests) reads this table; nobody repeats a pin by hand.
+
+Two kinds of pins: the patched upstreams that make up the environment (``patched_pins()``), and
+reference upstreams that are fetched and mirrored the same way but never patched or installed
+(``reference_pins()``): DrivingSDK, whose own Python wrapper of the NPU voxel-pooling op the NPU
+contract tests run over a CPU double of its compiled part.
 """
 from __future__ import annotations
 
@@ -17,12 +22,16 @@ class Pin:
     kind: str            # "git": a repository at a commit; "wheel": a PyPI wheel's package dir
     commit: str          # full SHA ("git"), or the version (wheel)
     ref: str             # the human label of the pin (branch/tag/version)
-    patch: str           # patch file at the top of this repository
-    applied_to: str      # what the patch paths are relative to
+    patch: Optional[str]  # patch file at the top of this repository; None: a reference pin
+    applied_to: str      # what the patch paths are relative to (reference pins: what it is for)
     how: str             # how a user applies it by hand
     wheel: Optional[str] = None       # PyPI requirement of the wheel ("wheel" kind)
     wheel_sha256: Optional[str] = None
     package_dir: Optional[str] = None  # directory inside the wheel / site-packages
+
+    @property
+    def patched(self) -> bool:
+        return self.patch is not None
 
     @property
     def short(self) -> str:
@@ -77,6 +86,19 @@ PINS: Tuple[Pin, ...] = (
         wheel_sha256="b28b176d189065c8ba84c6ec50876436fa3d15f9f22c76c47d67d86c3e20311a",
         package_dir="pytorch_lightning",
     ),
+    Pin(
+        name="drivingsdk",
+        aliases=("DrivingSDK", "mx_driving"),
+        url="https://github.com/Ascend/DrivingSDK",
+        kind="git",
+        # branch_v7.0.RC1: the release paired with FrameworkPTAdapter 7.0.0 / CANN 8.1.RC1
+        commit="7291b8a28c33be40b1a12013c638fe5e3c3fe090",
+        ref="branch_v7.0.RC1 (7291b8a)",
+        patch=None,
+        applied_to="not patched or installed; the NPU contract tests run its Python wrapper "
+                   "mx_driving/ops/voxel_pooling_train.py",
+        how="nothing to apply",
+    ),
 )
 
 BY_NAME: Dict[str, Pin] = {}
@@ -96,3 +118,13 @@ def get(name: str) -> Pin:
 
 def git_pins() -> Tuple[Pin, ...]:
     return tuple(p for p in PINS if p.kind == "git")
+
+
+def patched_pins() -> Tuple[Pin, ...]:
+    """The upstreams the environment is built from, each with its patch file."""
+    return tuple(p for p in PINS if p.patched)
+
+
+def reference_pins() -> Tuple[Pin, ...]:
+    """Upstreams fetched for the tests only: never patched, never installed."""
+    return tuple(p for p in PINS if not p.patched)

@@ -18,7 +18,7 @@ from bevdepth_npu import gitutil, paths, patches, patchfile, pins
 from tests.conftest import require_source
 
 
-@pytest.mark.parametrize("name", [p.name for p in pins.PINS])
+@pytest.mark.parametrize("name", [p.name for p in pins.patched_pins()])
 def test_patch_applies_to_its_pin_and_reexports_identically(name):
     require_source(name)
     pin = pins.get(name)
@@ -45,7 +45,7 @@ def test_cached_checkout_is_at_the_pin(name):
 
 
 def test_every_patch_header_names_its_upstream_and_full_pin():
-    for pin in pins.PINS:
+    for pin in pins.patched_pins():
         header = patchfile.split(paths.patch_file(pin).read_bytes())[0].decode()
         assert pin.url in header
         assert (pin.commit if pin.kind == "git" else pin.wheel_sha256) in header
@@ -106,6 +106,16 @@ def test_mmdetection3d_patch_applies_to_the_pypi_sdist(tmp_path):
     patched = patches.patched_files(pin, patches.git_dir_for(pin, tree), body)
     for rel, entry in patched.items():
         assert (root / rel).read_bytes() == entry[0], rel
+
+
+def test_reference_pins_have_no_patch_and_are_refused_by_the_patch_commands(repo_root):
+    for pin in pins.reference_pins():
+        assert not (repo_root / f"{pin.name}.patch").exists()
+        proc = subprocess.run([sys.executable, "-m", "bevdepth_npu", "export", pin.name],
+                              cwd=repo_root, capture_output=True, text=True)
+        assert proc.returncode == 2
+        assert "reference upstream without a patch" in proc.stderr
+    assert "drivingsdk" in [p.name for p in pins.reference_pins()]
 
 
 def test_readme_pins_table_is_generated_from_the_pins(repo_root):

@@ -6,16 +6,12 @@ Checked:
   - its gradient: gradcheck in float64 and equality with the loop's (a gather);
   - the inference entry (depth x context, pooled a few depth bins at a time) equals pooling the
     whole product, and never hands the pooling more than its chunk bound;
-  - the NPU dispatch, driven through a stand-in for mx_driving that asserts the documented limits
-    of npu_voxel_pooling_train on every forward and backward call: at R50 shapes with 8 samples
-    per device (B=8, N=6*112*16*44, C=80, grid 128x128x1) no call breaks a limit and result and
-    gradient equal the reference; batch and channel chunking; empty input; oversized grids.
+  - the NPU chunk sizes for a grid at the limits (the NPU dispatch itself runs through
+    DrivingSDK's own wrapper in test_npu_contract.py).
 Run:
     PYTHONPATH=. python -m pytest tests/integration/test_voxel_pooling.py -q
 """
 from __future__ import annotations
-
-import sys
 
 import pytest
 
@@ -176,81 +172,9 @@ def test_inference_default_chunk_is_bounded_at_r50_shapes(monkeypatch) -> None:
     torch.testing.assert_close(out, pooled, rtol=1e-5, atol=1e-4)
 
 
-@pytest.fixture
-def fake_mx(monkeypatch):
-    module = helpers.make_fake_mx_driving()
-    monkeypatch.setitem(sys.modules, "mx_driving", module)
-    return module
-
-
-def test_npu_dispatch_at_r50_shapes_respects_limits(fake_mx) -> None:
-    batch, points, channels, grid = 8, 6 * 112 * 16 * 44, 80, [128, 128, 1]
-    gen = torch.Generator().manual_seed(11)
-    geom = torch.stack([torch.randint(-20, 150, (batch, points), generator=gen),
-                        torch.randint(-20, 150, (batch, points), generator=gen),
-                        torch.randint(-1, 2, (batch, points), generator=gen)], -1).int()
-    features = torch.randn(batch, points, channels, generator=gen).requires_grad_(True)
-    assert batch * points * channels > helpers.MX_LIMITS["elements"]  # must be split
-    out = vp.voxel_pooling(geom, features, grid, backend=device.NPU)
-    forwards = [c for c in fake_mx.calls if c[0] == "forward"]
-    assert len(forwards) >= 5
-    assert sum(c[2] for c in forwards) == points  # every point pooled exactly once
-    expected = helpers.pool_reference(geom, features.detach(), grid)
-    torch.testing.assert_close(out.detach(), expected, rtol=1e-5, atol=1e-4)
-    grad_out = torch.randn(out.shape, generator=gen)
-    out.backward(grad_out)
-    backwards = [c for c in fake_mx.calls if c[0] == "backward"]
-    assert len(backwards) == len(forwards)
-    assert torch.equal(features.grad, helpers.gather_reference(geom, grad_out, grid))
-
-
-def test_npu_dispatch_splits_batch_and_channels(fake_mx) -> None:
-    batch, points, channels, grid = 130, 50, 300, [20, 10, 1]
-    gen = torch.Generator().manual_seed(12)
-    geom = torch.randint(-2, 22, (batch, points, 3), generator=gen).int()
-    geom[..., 2] = 0
-    features = torch.randn(batch, points, channels, generator=gen).requires_grad_(True)
-    out = vp.voxel_pooling(geom, features, grid, backend=device.NPU)
-    assert out.shape == (batch, channels, 10, 20)
-    assert max(c[1] for c in fake_mx.calls) <= 128
-    assert max(c[3] for c in fake_mx.calls) <= 256
-    torch.testing.assert_close(out.detach(), helpers.pool_reference(geom, features.detach(), grid),
-                               rtol=1e-5, atol=1e-5)
-    out.sum().backward()
-    assert len([c for c in fake_mx.calls if c[0] == "backward"]) == 4  # 2 batch x 2 channel
-    assert torch.equal(features.grad,
-                       helpers.gather_reference(geom, torch.ones_like(out), grid))
-
-
 def test_npu_chunks_respect_grid_elements() -> None:
     """A 1000x1000 grid leaves room for 100 channels and one sample per call."""
     batch_step, point_step, channel_step = device.npu_pooling_chunks(4, 10 ** 6, 256, 1000,
                                                                      1000, 1)
     assert channel_step == 100 and batch_step == 1 and point_step == 100_000
-    assert batch_step * 1000 * 1000 * channel_step <= helpers.MX_LIMITS["elements"]
-
-
-def test_npu_dispatch_empty_input_makes_no_call(fake_mx) -> None:
-    out = vp.voxel_pooling(torch.zeros(2, 0, 3, dtype=torch.int32), torch.zeros(2, 0, 8),
-                           [16, 16, 1], backend=device.NPU)
-    assert out.shape == (2, 8, 16, 16) and not out.any()
-    assert fake_mx.calls == []
-
-
-def test_npu_dispatch_rejects_grids_over_the_limits(fake_mx) -> None:
-    geom, features = random_case(1, 10, 2, seed=13)
-    with pytest.raises(ValueError, match="1001x8x1"):
-        vp.voxel_pooling(geom, features, [1001, 8, 1], backend=device.NPU)
-    with pytest.raises(ValueError, match="Z <= 10"):
-        vp.voxel_pooling(geom, features, [8, 8, 11], backend=device.NPU)
-    assert fake_mx.calls == []
-
-
-def test_npu_inference_dispatch_respects_limits(fake_mx) -> None:
-    geom, depth, context = lss_case(2, 6, 112, 16, 44, 80, seed=14)
-    out = vp.voxel_pooling_inference(geom, depth, context, [128, 128, 1], backend=device.NPU)
-    assert fake_mx.calls and all(c[0] == "forward" for c in fake_mx.calls)
-    assert max(c[1] * c[2] * c[3] for c in fake_mx.calls) <= vp.INFERENCE_CHUNK_ELEMENTS
-    torch.testing.assert_close(out, vp.voxel_pooling_inference(geom, depth, context,
-                                                               [128, 128, 1]),
-                               rtol=1e-5, atol=1e-4)
+    assert batch_step * 1000 * 1000 * channel_step <= device.NPU_POOLING_MAX_ELEMENTS

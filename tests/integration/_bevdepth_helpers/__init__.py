@@ -3,7 +3,6 @@
 - ENV_REASON / require_env(): skip unless the bevdepth-npu env (patched bevdepth, mmcv with ops,
   mmdet3d) is importable;
 - reference voxel pooling (a plain loop and an independent index_put_ version);
-- a stand-in for mx_driving that checks the documented limits of npu_voxel_pooling_train;
 - realistic camera / box inputs for the R50 recipe at a reduced image size;
 - run_upstream(): runs upstream_runner.py on the pristine checkout in a subprocess.
 
@@ -15,21 +14,14 @@ import math
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import pytest
 
 ENV_REASON = ("needs the bevdepth-npu env (create it with `bevdepth-npu env`): bevdepth from the "
               "patched tree, mmcv with ops, mmdet3d, pytorch-lightning")
 RUNNER = Path(__file__).resolve().parent / "upstream_runner.py"
-
-# Documented limits of mx_driving.npu_voxel_pooling_train (DrivingSDK
-# docs/zh/api/context/npu_voxel_pooling_train.md), forward and backward.
-MX_LIMITS = dict(batch=128, points=100_000, channels=256, grid_xy=1000, grid_z=10,
-                 elements=100_000_000)
-
 
 def require_env():
     """Import and return the patched bevdepth package, or skip naming `bevdepth-npu env`."""
@@ -97,79 +89,6 @@ def gather_reference(geom, grad_out, voxel_num):
     rows = grad_out.permute(0, 2, 3, 1)[b_idx, geom[..., 1][keep], geom[..., 0][keep]]
     grad[keep] = rows.reshape(-1, channels)
     return grad
-
-
-# ---------------------------------------------------------------- mx_driving stand-in
-
-
-class LimitViolation(AssertionError):
-    pass
-
-
-def _check_limits(where: str, batch: int, points: int, channels: int, grid: Sequence[int]):
-    grid_x, grid_y, grid_z = grid
-    problems = []
-    if batch > MX_LIMITS["batch"]:
-        problems.append(f"B={batch} > {MX_LIMITS['batch']}")
-    if points > MX_LIMITS["points"]:
-        problems.append(f"N={points} > {MX_LIMITS['points']}")
-    if points == 0:
-        problems.append("N=0 (the op raises on empty input)")
-    if channels > MX_LIMITS["channels"]:
-        problems.append(f"C={channels} > {MX_LIMITS['channels']}")
-    if grid_x > MX_LIMITS["grid_xy"] or grid_y > MX_LIMITS["grid_xy"]:
-        problems.append(f"X, Y = {grid_x}, {grid_y} > {MX_LIMITS['grid_xy']}")
-    if grid_z > MX_LIMITS["grid_z"]:
-        problems.append(f"Z={grid_z} > {MX_LIMITS['grid_z']}")
-    if batch * grid_y * grid_x * channels > MX_LIMITS["elements"]:
-        problems.append(f"B*Y*X*C={batch * grid_y * grid_x * channels} > 1e8")
-    if batch * points * channels > MX_LIMITS["elements"]:
-        problems.append(f"B*N*C={batch * points * channels} > 1e8")
-    if problems:
-        raise LimitViolation(f"npu_voxel_pooling_train {where}: " + "; ".join(problems))
-
-
-def make_fake_mx_driving() -> types.ModuleType:
-    """A module standing in for mx_driving: npu_voxel_pooling_train checks the documented input
-    contract and limits on every forward and backward call, records each call in
-    ``module.calls`` as (direction, B, N, C), and computes with the reference."""
-    import torch
-
-    module = types.ModuleType("mx_driving")
-    module.calls = []
-
-    class _Pool(torch.autograd.Function):
-
-        @staticmethod
-        def forward(ctx, geom, features, voxel_num):
-            ctx.save_for_backward(geom)
-            ctx.voxel_num = voxel_num
-            return pool_reference(geom, features, voxel_num)
-
-        @staticmethod
-        def backward(ctx, grad_out):
-            geom, = ctx.saved_tensors
-            batch, channels, grid_y, grid_x = grad_out.shape
-            _check_limits("backward", batch, geom.shape[1], channels, ctx.voxel_num)
-            module.calls.append(("backward", batch, geom.shape[1], channels))
-            return None, gather_reference(geom, grad_out, ctx.voxel_num), None
-
-    def npu_voxel_pooling_train(geom_xyz, input_features, voxel_num):
-        assert isinstance(voxel_num, (list, tuple)) and len(voxel_num) == 3, voxel_num
-        assert all(isinstance(v, int) for v in voxel_num), voxel_num
-        assert geom_xyz.dtype == torch.int32, geom_xyz.dtype
-        assert input_features.dtype in (torch.float32, torch.float16), input_features.dtype
-        assert geom_xyz.dim() == 3 and geom_xyz.shape[2] == 3, tuple(geom_xyz.shape)
-        assert input_features.dim() == 3, tuple(input_features.shape)
-        assert geom_xyz.shape[:2] == input_features.shape[:2]
-        assert geom_xyz.is_contiguous() and input_features.is_contiguous()
-        batch, points, channels = input_features.shape
-        _check_limits("forward", batch, points, channels, voxel_num)
-        module.calls.append(("forward", batch, points, channels))
-        return _Pool.apply(geom_xyz, input_features, list(voxel_num))
-
-    module.npu_voxel_pooling_train = npu_voxel_pooling_train
-    return module
 
 
 # ---------------------------------------------------------------- realistic inputs

@@ -1,12 +1,16 @@
-"""Probe for tests/integration/test_lightning_patch.py: a tiny model trained with the patched
-Lightning 1.6.5 (torch 2 MultiStepLR, optional DDP on CPU), recording each rank's CPU affinity
-during fit and during validate into OUT_DIR/affinity_<fn>_<rank>.json.
+"""Probe for tests/integration/test_lightning_patch.py and test_npu_startup.py: a tiny model
+trained with the patched Lightning 1.6.5 (torch 2 MultiStepLR, optional DDP on CPU). It starts
+the way a BEVDepth experiment does (``bevdepth.utils.device.start``, with core binding for
+training unless --evaluate) and records the CPU affinity of every thread of each rank during fit
+or validate into OUT_DIR/affinity_<fn>_<rank>.json.
 
-    python lightning_probe.py OUT_DIR [--ddp N]
+    python lightning_probe.py OUT_DIR [--ddp N] [--evaluate]
 """
 import argparse
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -21,8 +25,11 @@ class Probe(pl.LightningModule):
         self.out_dir = out_dir
 
     def _record(self, fn: str) -> None:
+        # every thread: binding only the calling one would leave the others on every core
+        threads = {tid: sorted(os.sched_getaffinity(int(tid)))
+                   for tid in os.listdir("/proc/self/task")}
         path = self.out_dir / f"affinity_{fn}_{self.global_rank}.json"
-        path.write_text(json.dumps(sorted(os.sched_getaffinity(0))))
+        path.write_text(json.dumps(threads))
 
     def on_train_start(self) -> None:
         self._record("fit")
@@ -48,7 +55,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--ddp", type=int, default=0)
+    ap.add_argument("--evaluate", action="store_true", help="validate only (no binding)")
     args = ap.parse_args()
+    from bevdepth.utils import device
+    device.start("cpu", bind=not args.evaluate, local_world_size=max(args.ddp, 1))
+    # a thread that exists before the first training step, like the loader's pin-memory thread
+    threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(16, 4), torch.randn(16, 1))
     loader = DataLoader(data, batch_size=4)
@@ -58,8 +70,10 @@ def main() -> None:
         kwargs.update(accelerator="cpu", devices=args.ddp, strategy="ddp")
     trainer = pl.Trainer(**kwargs)
     model = Probe(args.out_dir)
+    if args.evaluate:
+        trainer.validate(model, loader)
+        return
     trainer.fit(model, loader, loader)
-    trainer.validate(model, loader)
     if trainer.global_rank == 0:
         (args.out_dir / "lr.json").write_text(json.dumps(trainer.optimizers[0].param_groups[0]["lr"]))
 

@@ -1,0 +1,285 @@
+"""On-device checks of ``bevdepth-npu doctor``: the port's numerics on this device against a CPU
+reference, and one training step of the smoke model.
+
+Each check moves its inputs with a ``Target`` (the selected device, or in the contract tests the
+tagged CPU double of an NPU), runs the code training runs, and compares with float64 on the host.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import shutil
+import tempfile
+import time
+from typing import Callable, Dict, Tuple
+
+import torch
+
+from bevdepth_npu.doctor.report import Fail, Skip
+
+# Relative error allowed against the float64 reference (max |a - e| / max |e|): float32 sums;
+# fp16 and bf16 results accumulate in fp32 and are rounded once (2^-11 and 2^-8).
+POOLING_TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+# More points than one NPU kernel call may take (N <= 100,000): the chunked path runs.
+POOLING_SHAPE = dict(batch=2, points=120_000, channels=80, grid=(128, 128, 1))
+
+
+@dataclasses.dataclass
+class Target:
+    """Where the checks run: ``kind`` (npu, cuda, cpu), the host-to-device move, a barrier."""
+    kind: str
+    to: Callable[[torch.Tensor], torch.Tensor]
+    synchronize: Callable[[], None] = lambda: None
+
+    @classmethod
+    def selected(cls) -> "Target":
+        from bevdepth.utils import device
+        kind = device.device_type()
+        where = device.current()
+        sync = getattr(torch, kind).synchronize if kind != device.CPU else (lambda: None)
+        return cls(kind, lambda t: t.to(where), sync)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    diff = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    return diff / scale if scale else diff
+
+
+def _pool_reference(geom: torch.Tensor, features: torch.Tensor, grid) -> torch.Tensor:
+    """float64 sum pooling on the host, written apart from the port: (B, C, Y, X)."""
+    grid_x, grid_y, grid_z = grid
+    batch, _, channels = features.shape
+    geom = geom.long()
+    keep = ((geom >= 0) & (geom < torch.tensor([grid_x, grid_y, grid_z]))).all(-1)
+    b_idx = torch.arange(batch).view(batch, 1).expand_as(keep)[keep]
+    out = torch.zeros(batch, grid_y, grid_x, channels, dtype=torch.float64)
+    out.index_put_((b_idx, geom[..., 1][keep], geom[..., 0][keep]),
+                   features.double()[keep], accumulate=True)
+    return out.permute(0, 3, 1, 2)
+
+
+def _gather_reference(geom: torch.Tensor, grad_out: torch.Tensor, grid) -> torch.Tensor:
+    grid_x, grid_y, grid_z = grid
+    geom = geom.long()
+    keep = ((geom >= 0) & (geom < torch.tensor([grid_x, grid_y, grid_z]))).all(-1)
+    batch, num_points = keep.shape
+    grad = torch.zeros(batch, num_points, grad_out.shape[1], dtype=grad_out.dtype)
+    b_idx = torch.arange(batch).view(batch, 1).expand_as(keep)[keep]
+    grad[keep] = grad_out.permute(0, 2, 3, 1)[b_idx, geom[..., 1][keep], geom[..., 0][keep]]
+    return grad
+
+
+def pooling_inputs(dtype: torch.dtype, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cells over the grid and a margin outside it (dropped), features in ``dtype``."""
+    shape = POOLING_SHAPE
+    gen = torch.Generator().manual_seed(seed)
+    grid_x, grid_y, _ = shape["grid"]
+    geom = torch.stack([
+        torch.randint(-4, grid_x + 4, (shape["batch"], shape["points"]), generator=gen),
+        torch.randint(-4, grid_y + 4, (shape["batch"], shape["points"]), generator=gen),
+        torch.randint(-1, 2, (shape["batch"], shape["points"]), generator=gen),
+    ], dim=-1).to(torch.int32)
+    features = torch.randn(shape["batch"], shape["points"], shape["channels"],
+                           generator=gen).to(dtype)
+    return geom, features
+
+
+def check_pooling(target: Target, dtype: torch.dtype) -> str:
+    """Training pooling forward and backward on the device, against float64 on the host."""
+    from bevdepth.ops.voxel_pooling import voxel_pooling
+    grid = POOLING_SHAPE["grid"]
+    geom, features = pooling_inputs(dtype)
+    expected = _pool_reference(geom, features, grid)
+    device_features = target.to(features).requires_grad_(True)
+    t0 = time.monotonic()
+    pooled = voxel_pooling(target.to(geom), device_features, grid,
+                           backend=target.kind)
+    if pooled.dtype != dtype:
+        raise Fail(f"pooling returned {pooled.dtype} for {dtype} features",
+                   "the pooling entry point must cast back to the features' dtype")
+    grad_out = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    pooled.backward(target.to(grad_out))
+    target.synchronize()
+    seconds = time.monotonic() - t0
+    forward_error = relative_error(pooled.detach().cpu(), expected)
+    if not math.isfinite(forward_error) or forward_error > POOLING_TOLERANCE[dtype]:
+        raise Fail(f"forward differs from the float64 reference by {forward_error:.2e} "
+                   f"(allowed {POOLING_TOLERANCE[dtype]:.0e})",
+                   "report it with this output; train in fp32 (--precision 32) meanwhile")
+    grad = device_features.grad.cpu()
+    if not torch.equal(grad, _gather_reference(geom, grad_out, grid)):
+        raise Fail("backward is not the gather of the output gradient",
+                   "report it with this output")
+    b, n, c = features.shape
+    return (f"B={b} N={n:,} C={c}: forward error {forward_error:.1e}, backward exact, "
+            f"{seconds * 1e3:.0f} ms")
+
+
+def smoke_backbone():
+    """The smoke experiment's LSS backbone (cheap to build, the R50 code path)."""
+    from bevdepth.exps.nuscenes.smoke import bev_depth_lss_r18_smoke_2key as smoke
+    from bevdepth.layers.backbones.base_lss_fpn import BaseLSSFPN
+    return BaseLSSFPN(**copy.deepcopy(smoke.backbone_conf))
+
+
+def camera_mats(batch: int, sweeps: int, final_dim, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """nuScenes-like matrices: six cameras around the car (1600x900 images, focal about 1260 px),
+    resize and crop to ``final_dim`` with a random flip, a rotated and scaled BEV (bda)."""
+    gen = torch.Generator().manual_seed(seed)
+    cam_axes = torch.tensor([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+    eye = torch.eye(4).repeat(batch, sweeps, 6, 1, 1)
+    sensor2ego, intrin, ida = eye.clone(), eye.clone(), eye.clone()
+    for c, yaw_deg in enumerate((55, 0, -55, 110, 180, -110)):
+        yaw = math.radians(yaw_deg)
+        rot = torch.tensor([[math.cos(yaw), -math.sin(yaw), 0.0],
+                            [math.sin(yaw), math.cos(yaw), 0.0], [0.0, 0.0, 1.0]])
+        sensor2ego[:, :, c, :3, :3] = rot @ cam_axes
+        sensor2ego[:, :, c, :3, 3] = torch.tensor([1.5 * math.cos(yaw), 0.8 * math.sin(yaw), 1.5])
+        focal = 1250.0 + 20.0 * torch.rand(1, generator=gen).item()
+        intrin[:, :, c, 0, 0] = intrin[:, :, c, 1, 1] = focal
+        intrin[:, :, c, 0, 2], intrin[:, :, c, 1, 2] = 800.0, 450.0
+        resize = final_dim[1] / 1600.0
+        flip = torch.rand(1, generator=gen).item() < 0.5
+        ida[:, :, c, 0, 0] = -resize if flip else resize
+        ida[:, :, c, 0, 3] = 1600.0 * resize if flip else 0.0
+        ida[:, :, c, 1, 1] = resize
+        ida[:, :, c, 1, 3] = -max(0.0, 900.0 * resize - final_dim[0])
+    angle = math.radians(20.0)
+    bda = torch.eye(4).repeat(batch, 1, 1)
+    bda[:, :2, :2] = 1.05 * torch.tensor([[math.cos(angle), -math.sin(angle)],
+                                          [math.sin(angle), math.cos(angle)]])
+    return dict(sensor2ego_mats=sensor2ego, intrin_mats=intrin, ida_mats=ida,
+                sensor2sensor_mats=torch.eye(4).repeat(batch, sweeps, 6, 1, 1), bda_mat=bda)
+
+
+def check_geometry(target: Target) -> str:
+    """get_geometry under the device's mixed precision equals float64 on the host: it must stay
+    fp32 (in fp16, pixel x times depth overflows)."""
+    from bevdepth.utils import device
+    backbone = smoke_backbone()
+    mats = camera_mats(2, 1, backbone.final_dim)
+    args = [mats["sensor2ego_mats"][:, 0], mats["intrin_mats"][:, 0], mats["ida_mats"][:, 0],
+            mats["bda_mat"]]
+    expected = copy.deepcopy(backbone).double().get_geometry(*[a.double() for a in args])
+    on_device = backbone.to(target.to(torch.zeros(1)).device)
+    amp_dtype = torch.bfloat16 if target.kind == "cpu" else torch.float16
+    with device.autocast(dtype=amp_dtype):
+        points = on_device.get_geometry(*[target.to(a) for a in args])
+    target.synchronize()
+    if points.dtype != torch.float32:
+        raise Fail(f"get_geometry returned {points.dtype} under {amp_dtype} autocast",
+                   "it must run in fp32; report it")
+    error = relative_error(points.cpu(), expected)
+    if error > 1e-5:
+        raise Fail(f"get_geometry under {amp_dtype} autocast differs from float64 by "
+                   f"{error:.1e} (allowed 1e-5)", "report it; train in fp32 meanwhile")
+    return f"{tuple(points.shape)} under {str(amp_dtype).split('.')[-1]} autocast: fp32, " \
+           f"error {error:.1e}"
+
+
+def check_optimizer(target: Target) -> str:
+    """The device's AdamW (NpuFusedAdamW on npu) takes the steps torch's AdamW takes."""
+    from bevdepth.utils import device
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(64, 32), (32,), (3, 3, 8, 8)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    lr, weight_decay = 2e-4 / 64 * 8, 1e-7
+
+    def run(params, optimizer, move):
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = move(g)
+            optimizer.step()
+        return [p.detach().cpu() for p in params]
+
+    device_params = [torch.nn.Parameter(target.to(p.clone())) for p in start]
+    got = run(device_params, device.adamw(device_params, lr=lr, weight_decay=weight_decay),
+              target.to)
+    host_params = [torch.nn.Parameter(p.clone().double()) for p in start]
+    want = run(host_params, torch.optim.AdamW(host_params, lr=lr, weight_decay=weight_decay),
+               lambda g: g.double())
+    error = max(relative_error(a - s, w - s) for a, w, s in zip(got, want, start))
+    optimizer = type(device.adamw([torch.nn.Parameter(torch.zeros(1))], lr=lr,
+                                  weight_decay=weight_decay)).__name__
+    if error > 1e-4:
+        raise Fail(f"{optimizer}: 3 steps differ from torch AdamW by {error:.1e} (relative, "
+                   f"of the updates)", "report it; it changes the training recipe")
+    return f"{optimizer}: 3 steps equal torch AdamW (relative error of the updates {error:.1e})"
+
+
+def check_grad_scaler(target: Target) -> str:
+    """fp16 loss scaling as the Lightning patch sets it up: a step with an inf gradient is
+    skipped and the scale halves; a finite one is taken."""
+    if target.kind == "cpu":
+        raise Skip("precision 16 trains as 32 on CPU (Lightning 1.6.5 has no CPU fp16 AMP)")
+    from pytorch_lightning.utilities.npu import grad_scaler
+    scaler = grad_scaler(target.kind)
+    param = torch.nn.Parameter(target.to(torch.ones(4)))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scale = scaler.get_scale()
+    (param.sum() * float("inf")).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    if not torch.equal(param.detach().cpu(), torch.ones(4)) or scaler.get_scale() >= scale:
+        raise Fail(f"{type(scaler).__name__} took a step with an inf gradient",
+                   "check the torch_npu / torch installation")
+    optimizer.zero_grad()
+    scaler.scale(param.sum()).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    if torch.equal(param.detach().cpu(), torch.ones(4)):
+        raise Fail(f"{type(scaler).__name__} skipped a finite step", "")
+    return f"{type(scaler).__module__}.{type(scaler).__name__}: inf step skipped, finite taken"
+
+
+def check_smoke_model(target: Target) -> str:
+    """One forward and backward of the smoke experiment's model, as a training step computes
+    them (fp16 autocast on npu and cuda, fp32 on CPU): finite losses and gradients."""
+    from bevdepth.exps.nuscenes.smoke import bev_depth_lss_r18_smoke_2key as smoke
+    from bevdepth.utils import device
+    root = tempfile.mkdtemp(prefix="bevdepth-npu-doctor-")
+    try:
+        module = smoke.BEVDepthLightningModel(default_root_dir=root, data_root=root,
+                                              batch_size_per_device=1)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    where = target.to(torch.zeros(1)).device
+    module = module.to(where).train()
+    height, width = smoke.final_dim
+    sweeps = len(module.key_idxes) + 1
+    gen = torch.Generator().manual_seed(3)
+    imgs = torch.randn(1, sweeps, 6, 3, height, width, generator=gen)
+    mats = camera_mats(1, sweeps, smoke.final_dim)
+    depth = torch.zeros(1, 6, height, width)
+    hit = torch.rand(1, 6, height, width, generator=gen) < 0.05
+    depth[hit] = 2.0 + torch.rand(int(hit.sum()), generator=gen) * 50.0
+    boxes = torch.zeros(8, 9)
+    boxes[:, :2] = (torch.rand(8, 2, generator=gen) - 0.5) * 80.0
+    boxes[:, 3:6] = 1.0 + torch.rand(8, 3, generator=gen) * 3.0
+    labels = torch.randint(0, 10, (8,), generator=gen)
+    t0 = time.monotonic()
+    with device.autocast(enabled=target.kind != "cpu", dtype=torch.float16):
+        preds, depth_preds = module(target.to(imgs), {k: target.to(v) for k, v in mats.items()})
+        targets = module.model.get_targets([boxes], [labels], target_device=where)
+        detection_loss = module.model.loss(targets, preds)
+    depth_loss = module.get_depth_loss(target.to(depth), depth_preds)
+    loss = detection_loss + depth_loss
+    loss.backward()
+    target.synchronize()
+    seconds = time.monotonic() - t0
+    finite({"loss": loss.detach()})
+    finite({name: p.grad for name, p in module.named_parameters() if p.grad is not None})
+    with_grad = sum(p.grad is not None for p in module.parameters())
+    return (f"loss {loss.item():.1f} (detection {detection_loss.item():.1f}, depth "
+            f"{depth_loss.item():.2f}), {with_grad} gradients finite, {seconds:.1f} s")
+
+
+def finite(tensors: Dict[str, torch.Tensor]) -> None:
+    bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise Fail(f"non-finite values in {', '.join(bad[:5])}",
+                   "report it with this output; try --precision 32")
