@@ -8,6 +8,8 @@ where the info points):
   - scripts/gen_depth_gt.py resumes, writes atomically, counts written/skipped/failed files and
     exits non-zero on failures;
   - scripts/gen_info.py and scripts/gen_depth_gt.py reject bad arguments with clear messages;
+  - a truncated or missing camera image, and a truncated lidar or depth_gt file, stop the
+    dataset with an error that names the file (not PIL's bare "image file is truncated");
   - upstream's own dataset test (test/test_dataset) passes on a CPU-only machine;
   - on a small synthetic v1.0-mini (bevdepth_npu.synth), gen_info.py and gen_depth_gt.py run end
     to end and depth_gt files give the same labels with two key frames and with lidar fusion.
@@ -155,6 +157,38 @@ def get_item(dataset, seed: int) -> list:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return dataset[0]
+
+
+# --- a broken file of the dataset is named ---------------------------------------------------
+
+def test_truncated_camera_image_is_named(data_root: Path) -> None:
+    (info,) = load_infos(data_root)
+    image = data_root / info["cam_infos"]["CAM_BACK"]["filename"]
+    image.write_bytes(image.read_bytes()[:len(image.read_bytes()) // 2])
+    with pytest.raises(nusc_det_dataset.DataFileError) as raised:
+        get_item(make_dataset(data_root, is_train=False), seed=0)
+    assert str(image) in str(raised.value) and "truncated" in str(raised.value)
+    assert "doctor --data-root" in str(raised.value)
+
+
+def test_missing_camera_image_is_named(data_root: Path) -> None:
+    (info,) = load_infos(data_root)
+    image = data_root / info["cam_infos"]["CAM_FRONT"]["filename"]
+    image.unlink()
+    with pytest.raises(nusc_det_dataset.DataFileError, match=re.escape(str(image))):
+        get_item(make_dataset(data_root, is_train=False), seed=0)
+
+
+def test_truncated_lidar_and_depth_gt_files_are_named(data_root: Path) -> None:
+    lidar = lidar_path(data_root)
+    lidar.write_bytes(lidar.read_bytes()[:-6])
+    with pytest.raises(nusc_det_dataset.DataFileError, match=re.escape(str(lidar)) + ".*rows of 5"):
+        get_item(make_dataset(data_root, is_train=False), seed=0)
+    broken = data_root / "depth_gt" / "broken.jpg.bin"
+    broken.parent.mkdir()
+    broken.write_bytes(b"\0" * 14)
+    with pytest.raises(nusc_det_dataset.DataFileError, match="broken.jpg.bin: 14 bytes"):
+        nusc_det_dataset.load_depth_gt(str(broken))
 
 
 # --- depth_gt files give the same depth labels as on-the-fly projection -------------------
