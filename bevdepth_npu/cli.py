@@ -8,6 +8,7 @@ environment, generate the synthetic nuScenes and summarise runs.
     bevdepth-npu env [--device auto|cpu|cuda|npu]
     bevdepth-npu synth --out DIR
     bevdepth-npu summarize RUN_DIR
+    bevdepth-npu doctor [--device auto|npu|cuda|cpu] [--quick] [--data-root DIR [--full]]
     bevdepth-npu pins
 
 Exit status: 0 success, 1 a check failed, 2 bad input or a missing prerequisite (message on stderr).
@@ -38,6 +39,8 @@ COMMANDS = {
               "write a synthetic nuScenes dataset (v1.0-mini layout)"),
     "summarize": ("bevdepth_npu.summarize", "add_arguments", "run",
                   "compute throughput and metrics of a run directory; write the summaries"),
+    "doctor": ("bevdepth_npu.doctor", "add_arguments", "run",
+               "check in under a minute whether training will work on this machine"),
     "pins": ("bevdepth_npu.cli", "_no_arguments", "_run_pins", "print the table of pins"),
 }
 

@@ -39,6 +39,13 @@ NO_DEPS = ("lyft_dataset_sdk==0.0.8",)
 DEVICES = ("auto", "cpu", "cuda", "npu")
 STAMP = "bevdepth-npu-env.json"
 IMPORT_CHECK = "import mmcv.ops, mmdet3d, pytorch_lightning, bevdepth"
+# torch_npu, then mx_driving, in the order training imports them; prints where the op lives
+# (mx_driving.npu_voxel_pooling_train from DrivingSDK v7.0.RC1, mx_driving.point.... in v6.0.0)
+NPU_OP_CHECK = ("from bevdepth.utils import device; device._import_npu_stack(); "
+                "error = device._mx_driving_error\n"
+                "if error: raise SystemExit(f'mx_driving cannot be imported ({error}); ' "
+                "+ device.NPU_POOLING_OP_RELEASE)\n"
+                "print(device.npu_pooling_op()[1])")
 log = upstream.log
 
 
@@ -253,17 +260,21 @@ class Env:
     def stage_verify(self) -> None:
         checks = [IMPORT_CHECK]
         if self.device == "npu":
-            checks.append("import torch_npu, mx_driving")
+            checks.append(NPU_OP_CHECK)
         for code in checks:
             proc = self.py(code)
+            out = proc.stdout.decode().strip().splitlines()
             if proc.returncode != 0:
-                out = proc.stdout.decode().strip().splitlines()
                 hint = ""
-                if "mx_driving" in code:
+                if code == NPU_OP_CHECK:
                     hint = ("\nmx_driving comes from Ascend DrivingSDK: build it for your CANN and "
-                            "torch_npu (see its README) and pip install the wheel into the base Python")
+                            "torch_npu (see its README) and pip install the wheel into the base "
+                            "Python")
                 raise UserError(f"`python -c \"{code}\"` fails in {self.venv}: "
                                 f"{out[-1] if out else ''}{hint}")
+            if code == NPU_OP_CHECK:
+                log(f"  verify: mx_driving's voxel pooling is {out[-1]}")
+        self.stamp["device"] = self.device
 
 
 def sync_tree(pin: pins.Pin) -> Path:

@@ -215,9 +215,10 @@ bd_source_env_npu() {
     source "$BD_TEST_DIR/env_npu.sh"
 }
 
-# PL_BIND_CORES for a stage: the Lightning patch binds each DDP rank to its share of the cores;
-# worth it for NPU training (eight ranks and their loader workers on one host), never for
-# evaluation. BIND_CORES=0|1 overrides the choice for training.
+# BEVDEPTH_BIND_CORES for a stage: each training process binds itself at start-up (torch_npu's
+# CPU_AFFINITY_CONF where it has it, else its share of the cores); worth it for NPU training
+# (eight ranks and their loader workers on one host), never for evaluation. BIND_CORES=0|1
+# overrides the choice for training.
 # bd_bind_cores_value train|eval DEVICE
 bd_bind_cores_value() {
     local stage=$1 kind=$2
@@ -389,9 +390,9 @@ bd_train() {
     cmd+=("${BD_EXTRA_ARGS[@]}")
     bd_run_json "num:attempt.train_start_s=$(bd_now)" "str:attempt.resume=$resume" \
         "num:attempt.pl_bind_cores=$bind"
-    printf '[%s] PL_BIND_CORES=%s %s\n' "$(date '+%F %T')" "$bind" "${cmd[*]}" >>"$log"
+    printf '[%s] BEVDEPTH_BIND_CORES=%s %s\n' "$(date '+%F %T')" "$bind" "${cmd[*]}" >>"$log"
     set +e
-    (cd "$BEVDEPTH_ROOT" && PL_BIND_CORES=$bind "${cmd[@]}") 2>&1 | tee -a "$log"
+    (cd "$BEVDEPTH_ROOT" && BEVDEPTH_BIND_CORES=$bind "${cmd[@]}") 2>&1 | tee -a "$log"
     rc=${PIPESTATUS[0]}
     set -e
     bd_run_json "num:attempt.train_end_s=$(bd_now)" "num:attempt.train_exit_code=$rc"
@@ -407,9 +408,9 @@ bd_eval() {
         --batch_size_per_device "$batch" --default_root_dir "$RUN_DIR/eval"
         "${BD_EXTRA_ARGS[@]}")
     bd_run_json "str:checkpoint=$ckpt" "num:attempt.pl_bind_cores_eval=$bind"
-    printf '[%s] PL_BIND_CORES=%s %s\n' "$(date '+%F %T')" "$bind" "${cmd[*]}" >>"$log"
+    printf '[%s] BEVDEPTH_BIND_CORES=%s %s\n' "$(date '+%F %T')" "$bind" "${cmd[*]}" >>"$log"
     set +e
-    (cd "$BEVDEPTH_ROOT" && PL_BIND_CORES=$bind "${cmd[@]}") 2>&1 | tee -a "$log"
+    (cd "$BEVDEPTH_ROOT" && BEVDEPTH_BIND_CORES=$bind "${cmd[@]}") 2>&1 | tee -a "$log"
     rc=${PIPESTATUS[0]}
     set -e
     bd_run_json "num:attempt.eval_exit_code=$rc"

@@ -9,9 +9,9 @@
 # exported before sourcing it. The toolkit is looked for at $CANN_SET_ENV (a set_env.sh path),
 # then $ASCEND_TOOLKIT_HOME, /usr/local/Ascend/ascend-toolkit and $HOME/Ascend/ascend-toolkit.
 #
-# Not set here on purpose: CPU_AFFINITY_CONF (torch_npu's own core binding; the Lightning patch
-# binds each rank with PL_BIND_CORES=1, which the training scripts switch on for NPU runs, and
-# two bindings would fight), HCCL_IF_IP / HCCL_SOCKET_IFNAME (the network interface for
+# Not set here on purpose: CPU_AFFINITY_CONF (torch_npu's own core binding: each training process
+# sets it at start-up when BEVDEPTH_BIND_CORES=1, which the training scripts switch on for NPU
+# runs, to the mode its torch_npu supports; a value exported here is kept), HCCL_IF_IP / HCCL_SOCKET_IFNAME (the network interface for
 # multi-node HCCL depends on the cluster; set them yourself when several NIC are present).
 
 bd_env_npu_main() {

@@ -187,7 +187,7 @@ def check_optimizer(target: Target) -> str:
     shapes = [(64, 32), (32,), (3, 3, 8, 8)]
     start = [torch.randn(s, generator=gen) for s in shapes]
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
-    lr, weight_decay = 2e-4 / 64 * 8, 1e-7
+    lr, weight_decay = 1e-3, 1e-2
 
     def run(params, optimizer, move):
         for step in grads:
@@ -197,18 +197,19 @@ def check_optimizer(target: Target) -> str:
         return [p.detach().cpu() for p in params]
 
     device_params = [torch.nn.Parameter(target.to(p.clone())) for p in start]
-    got = run(device_params, device.adamw(device_params, lr=lr, weight_decay=weight_decay),
-              target.to)
-    host_params = [torch.nn.Parameter(p.clone().double()) for p in start]
+    device_optimizer = device.adamw(device_params, lr=lr, weight_decay=weight_decay)
+    got = run(device_params, device_optimizer, target.to)
+    host_params = [torch.nn.Parameter(p.clone()) for p in start]
     want = run(host_params, torch.optim.AdamW(host_params, lr=lr, weight_decay=weight_decay),
-               lambda g: g.double())
-    error = max(relative_error(a - s, w - s) for a, w, s in zip(got, want, start))
-    optimizer = type(device.adamw([torch.nn.Parameter(torch.zeros(1))], lr=lr,
-                                  weight_decay=weight_decay)).__name__
-    if error > 1e-4:
-        raise Fail(f"{optimizer}: 3 steps differ from torch AdamW by {error:.1e} (relative, "
-                   f"of the updates)", "report it; it changes the training recipe")
-    return f"{optimizer}: 3 steps equal torch AdamW (relative error of the updates {error:.1e})"
+               lambda g: g)
+    # the difference, relative to the size of the updates (float32 both)
+    error = max((a - w).abs().max().item() / (w - s).abs().max().item()
+                for a, w, s in zip(got, want, start))
+    name = type(device_optimizer).__name__
+    if error > 1e-3:
+        raise Fail(f"{name}: 3 steps differ from torch AdamW by {error:.1e} of the update",
+                   "report it; the optimizer is part of the training recipe")
+    return f"{name}: 3 steps equal torch AdamW within {error:.1e} of the update"
 
 
 def check_grad_scaler(target: Target) -> str:
@@ -262,7 +263,8 @@ def check_smoke_model(target: Target) -> str:
     boxes[:, 3:6] = 1.0 + torch.rand(8, 3, generator=gen) * 3.0
     labels = torch.randint(0, 10, (8,), generator=gen)
     t0 = time.monotonic()
-    with device.autocast(enabled=target.kind != "cpu", dtype=torch.float16):
+    amp = target.kind != "cpu"  # precision 16 on accelerators; CPU training runs in fp32
+    with device.autocast(enabled=amp, dtype=torch.float16 if amp else None):
         preds, depth_preds = module(target.to(imgs), {k: target.to(v) for k, v in mats.items()})
         targets = module.model.get_targets([boxes], [labels], target_device=where)
         detection_loss = module.model.loss(targets, preds)

@@ -5,13 +5,16 @@ cause and what to do, or raises anything else (a FAIL that names the exception).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
-from typing import Callable, List, Optional, TextIO
+from typing import Callable, List, Optional, TextIO, Tuple
 
 from bevdepth_npu.fsutil import atomic_write
 
@@ -37,6 +40,7 @@ class Result:
     detail: str
     hint: str = ""
     seconds: float = 0.0
+    files: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, problem)
 
 
 class Report:
@@ -48,19 +52,27 @@ class Report:
         self.started = time.time()
 
     def run(self, name: str, check: Callable[[], Optional[str]]) -> Result:
+        """Run ``check`` with the libraries' warnings and log output held back (shown with
+        --verbose when it fails)."""
         t0 = time.monotonic()
+        held = io.StringIO()
         try:
-            result = Result(name, PASS, check() or "ok")
+            with contextlib.redirect_stderr(held), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                detail = check() or "ok"
+            result = Result(name, PASS, detail)
         except Skip as skip:
             result = Result(name, SKIP, skip.cause, skip.hint)
         except Fail as fail:
-            result = Result(name, FAIL, fail.cause, fail.hint)
+            result = Result(name, FAIL, fail.cause, fail.hint, files=getattr(fail, "files", []))
         except Exception as error:  # a broken environment shows up as anything
             detail = f"{type(error).__name__}: {error}".strip().splitlines()[0]
             if self.verbose:
                 traceback.print_exc(file=self.stream)
             result = Result(name, FAIL, detail, "rerun with --verbose for the traceback"
                             if not self.verbose else "")
+        if self.verbose and held.getvalue() and result.status == FAIL:
+            print(held.getvalue().rstrip(), file=self.stream)
         result.seconds = round(time.monotonic() - t0, 3)
         self.results.append(result)
         self._print(result)

@@ -38,6 +38,7 @@ therefore covers pos_memo (saved by the forward) and not grad_out.
 """
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -238,6 +239,7 @@ def install(monkeypatch, layout: str = "v7") -> types.ModuleType:
     compiled = CompiledOps()
     package = types.ModuleType("mx_driving")
     package.__path__ = []
+    package.__spec__ = importlib.machinery.ModuleSpec("mx_driving", None, is_package=True)
     package._C = compiled
     package.calls = compiled.calls
     ops = types.ModuleType("mx_driving.ops")

@@ -121,14 +121,14 @@ def test_core_binding_on_for_npu_training_off_for_evaluation(stage, device, over
 
 
 def test_each_stage_runs_with_its_binding_value():
-    """bd_train and bd_eval hand the value to the process as PL_BIND_CORES."""
+    """bd_train and bd_eval hand the value to the process as BEVDEPTH_BIND_CORES."""
     text = (TEST_DIR / "common.sh").read_text()
     train = text[text.index("bd_train() {"):text.index("bd_eval() {")]
     evaluate = text[text.index("bd_eval() {"):text.index("bd_summarize() {")]
     assert 'bind=$(bd_bind_cores_value train "$DEVICE")' in train
     assert 'bind=$(bd_bind_cores_value eval "$DEVICE")' in evaluate
     for body in (train, evaluate):
-        assert 'PL_BIND_CORES=$bind "${cmd[@]}"' in body
+        assert 'BEVDEPTH_BIND_CORES=$bind "${cmd[@]}"' in body
 
 
 def test_env_npu_is_a_noop_without_cann(tmp_path):

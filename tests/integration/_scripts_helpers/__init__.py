@@ -106,7 +106,7 @@ def free_port() -> int:
 def script_env(output_root: Path, data: Path, **settings: object) -> Dict[str, str]:
     """Environment of a small CPU run of one of the test/*.sh scripts."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("PL_BIND_CORES", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "RANK",
+           if k not in ("BEVDEPTH_BIND_CORES", "BEVDEPTH_ALLOWED_CORES", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "RANK",
                         "LOCAL_RANK", "WORLD_SIZE", "BIND_CORES", "CKPT", "RESUME")}
     env.update(PYTHON=sys.executable, BEVDEPTH_ROOT=str(checkout_root()),
                OUTPUT_ROOT=str(output_root), DATA_ROOT=str(data), EXP=str(TINY_EXP),
