@@ -1,5 +1,5 @@
 """``bevdepth-npu``: fetch the pinned upstreams, apply/export/check the patches, build the
-environment, generate the synthetic nuScenes and summarise runs.
+environment, generate the synthetic nuScenes, summarise runs and draw their predictions.
 
     bevdepth-npu fetch [NAME...] [--mirror NAME=PATH_OR_URL]
     bevdepth-npu apply NAME|all [--into DIR] [--revert]
@@ -8,6 +8,7 @@ environment, generate the synthetic nuScenes and summarise runs.
     bevdepth-npu env [--device auto|cpu|cuda|npu]
     bevdepth-npu synth --out DIR
     bevdepth-npu summarize RUN_DIR
+    bevdepth-npu show RUN_DIR|RESULTS_JSON --data-root DIR [--version V] [--samples N]
     bevdepth-npu pins
 
 Exit status: 0 success, 1 a check failed, 2 bad input or a missing prerequisite (message on stderr).
@@ -38,6 +39,8 @@ COMMANDS = {
               "write a synthetic nuScenes dataset (v1.0-mini layout)"),
     "summarize": ("bevdepth_npu.summarize", "add_arguments", "run",
                   "compute throughput and metrics of a run directory; write the summaries"),
+    "show": ("bevdepth_npu.show", "add_arguments", "run",
+             "draw predictions against the ground truth, one PNG per sample"),
     "pins": ("bevdepth_npu.cli", "_no_arguments", "_run_pins", "print the table of pins"),
 }
 
