@@ -1,5 +1,5 @@
 """``bevdepth-npu``: fetch the pinned upstreams, apply/export/check the patches, build the
-environment, generate the synthetic nuScenes and summarise runs.
+environment, generate the synthetic nuScenes, summarise runs and draw their predictions.
 
     bevdepth-npu fetch [NAME...] [--mirror NAME=PATH_OR_URL]
     bevdepth-npu apply NAME|all [--into DIR] [--revert]
@@ -9,6 +9,7 @@ environment, generate the synthetic nuScenes and summarise runs.
     bevdepth-npu synth --out DIR
     bevdepth-npu summarize RUN_DIR
     bevdepth-npu doctor [--device auto|npu|cuda|cpu] [--quick] [--data-root DIR [--full]]
+    bevdepth-npu show RUN_DIR|RESULTS_JSON --data-root DIR [--version V] [--samples N]
     bevdepth-npu pins
 
 Exit status: 0 success, 1 a check failed, 2 bad input or a missing prerequisite (message on stderr).
@@ -41,6 +42,8 @@ COMMANDS = {
                   "compute throughput and metrics of a run directory; write the summaries"),
     "doctor": ("bevdepth_npu.doctor", "add_arguments", "run",
                "check in under a minute whether training will work on this machine"),
+    "show": ("bevdepth_npu.show", "add_arguments", "run",
+             "draw predictions against the ground truth, one PNG per sample"),
     "pins": ("bevdepth_npu.cli", "_no_arguments", "_run_pins", "print the table of pins"),
 }
 
