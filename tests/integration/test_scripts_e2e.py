@@ -64,8 +64,8 @@ def full_2p(data, out):
 
 
 def _step_log(run_dir: Path):
-    from bevdepth_npu.steplog import parse_step_log
-    return parse_step_log(run_dir / "train_0.log")
+    from bevdepth_npu.steplog import read_steps
+    return read_steps(run_dir / "steps.jsonl")
 
 
 def _check_training_summary(run_dir: Path, cards: int, mode: str):
