@@ -196,8 +196,16 @@ MODE_OPTIONS: Dict[str, Tuple[str, ...]] = {
               "python", "data_dir", "scenes", "samples_per_scene", "synth_seed",
               "warmup_steps", "exp", "ascend_device_id", "output_root", "verbose"),
 }
-SMOKE_DEVICE = Option("device", choice("auto", "cpu", "cuda", "npu"), "auto|cpu|cuda|npu",
-                      "environment and training device (auto: npu, cuda, else cpu)")
+# The smoke run's own wording (and, for the device, values) of some options.
+SMOKE_OPTIONS = {option.name: option for option in (
+    Option("device", choice("auto", "cpu", "cuda", "npu"), "auto|cpu|cuda|npu",
+           "environment and training device (auto: npu, cuda, else cpu)"),
+    Option("python", _TEXT, "PATH", "interpreter of an existing environment; skips "
+           "`bevdepth-npu env` (default: the environment it builds or reuses)"),
+    Option("batch_size", positive_int, "N", "samples per step, training and evaluation"),
+    Option("learning_rate", positive_float, "X", "learning rate per sample, times the batch"),
+    Option("exp", _TEXT, "FILE", "experiment file, relative to the BEVDepth of the environment"),
+)}
 
 DESCRIPTIONS = {
     "full": "Accuracy run: train on CARDS devices per node, evaluate the last checkpoint on "
@@ -222,8 +230,8 @@ summary."""
 
 
 def options(mode: str) -> List[Option]:
-    return [SMOKE_DEVICE if mode == "smoke" and name == "device" else OPTION_BY_NAME[name]
-            for name in MODE_OPTIONS[mode]]
+    own = SMOKE_OPTIONS if mode == "smoke" else {}
+    return [own.get(name, OPTION_BY_NAME[name]) for name in MODE_OPTIONS[mode]]
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
