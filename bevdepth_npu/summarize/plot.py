@@ -19,11 +19,20 @@ CURVES_PNG = "curves.png"
 def plot_curves(path: str, log: StepLog, warmup_steps: int, title: str) -> Optional[str]:
     """Write the curves to ``path``; return a warning instead if matplotlib is missing."""
     try:
-        # Imported here: matplotlib is optional and slow to import.
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        figure = curves_figure(log, warmup_steps, title)
     except ImportError as err:
         return f"matplotlib is not installed ({err}); {CURVES_PNG} not written"
+    # No "Software" entry: the PNG then depends only on the data, not on the matplotlib version.
+    atomic_write(path, lambda handle: figure.savefig(
+        handle, format="png", dpi=100, metadata={"Software": None}))
+    return None
+
+
+def curves_figure(log: StepLog, warmup_steps: int, title: str):
+    """The matplotlib Figure of the curves (ImportError without matplotlib)."""
+    # Imported here: matplotlib is optional and slow to import.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     figure = Figure(figsize=(8, 9), constrained_layout=True)
     FigureCanvasAgg(figure)
     loss_ax, lr_ax, time_ax = figure.subplots(3, 1, sharex=True)
@@ -47,7 +56,4 @@ def plot_curves(path: str, log: StepLog, warmup_steps: int, title: str) -> Optio
     time_ax.set_xlabel("step")
     time_ax.legend(loc="upper right")
     figure.suptitle(title)
-    # No "Software" entry: the PNG then depends only on the data, not on the matplotlib version.
-    atomic_write(path, lambda handle: figure.savefig(
-        handle, format="png", dpi=100, metadata={"Software": None}))
-    return None
+    return figure

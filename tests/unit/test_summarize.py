@@ -13,6 +13,7 @@ sum of all step times = 27.625 s.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -498,6 +499,19 @@ def test_curves_png_is_written(tmp_path):
     assert "curves.png" in summary["files"]
     with open(run_dir / "curves.png", "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_loss_is_plotted_on_a_log_scale_when_it_is_positive():
+    pytest.importorskip("matplotlib")
+    from bevdepth_npu.steplog import read_steps
+    from bevdepth_npu.summarize.plot import curves_figure
+    log = read_steps(os.path.join(FIXTURES, "clean.jsonl"))
+    loss_axes, lr_axes, _ = curves_figure(log, 5, "t").axes
+    assert loss_axes.get_yscale() == "log" and lr_axes.get_yscale() == "linear"
+    # A loss that is zero or negative somewhere keeps the linear scale.
+    negative = read_steps(os.path.join(FIXTURES, "malformed.jsonl"))
+    negative.records[0] = dataclasses.replace(negative.records[0], loss=-1.0)
+    assert curves_figure(negative, 0, "t").axes[0].get_yscale() == "linear"
 
 
 def test_missing_matplotlib_skips_only_the_png(tmp_path, monkeypatch, capsys):
