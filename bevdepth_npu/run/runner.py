@@ -242,7 +242,7 @@ class Run:
             self.num_workers = 4
         threads = self.env.get("OMP_NUM_THREADS")
         self.console.note(f"python {self.python}, BEVDepth {self.bevdepth_root}, device "
-                          f"{self.device}" + (f", {threads} torch threads" if threads else ""))
+                          f"{self.device}" + (f", torch threads: {threads}" if threads else ""))
 
     # ------------------------------------------------------------------ run directories
     def _open(self, prefix: str, continued: Optional[Path], fields: Dict) -> None:
