@@ -2,8 +2,9 @@
 
     pip install -e .
 
-The helper needs only the standard library and git; ``summarize`` draws its plot with matplotlib
-when it is installed (the environment built by ``bevdepth-npu env`` has it).
+The helper needs the standard library, git and filelock (the lock on a run directory of
+``bevdepth-npu run``; torch depends on it too); ``summarize`` draws its plot with matplotlib when
+it is installed (the environment built by ``bevdepth-npu env`` has both).
 """
 from pathlib import Path
 
@@ -22,7 +23,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["bevdepth_npu", "bevdepth_npu.*"]),
     python_requires=">=3.8,<3.12",
-    install_requires=[],
+    install_requires=["filelock"],
     extras_require={"plot": ["matplotlib"]},
     entry_points={"console_scripts": ["bevdepth-npu = bevdepth_npu.cli:main"]},
     classifiers=[

@@ -389,15 +389,10 @@ def repo_commit() -> Optional[str]:
 
 
 def test_helpers():
-    """tests/integration/_bevdepth_helpers: the parity tests' realistic camera matrices, boxes,
-    batches and reference pooling, reused here rather than written twice."""
-    try:
-        from tests.integration import _bevdepth_helpers
-    except ImportError as error:
-        raise BenchError(
-            f"cannot import tests/integration/_bevdepth_helpers ({error}); the benchmarks "
-            "reuse it and need the test requirements: pip install -r requirements-test.txt")
-    return _bevdepth_helpers
+    """bevdepth_npu/testing.py: the realistic camera matrices, boxes, batches and reference
+    pooling the parity tests use too, written once for both."""
+    from bevdepth_npu import testing
+    return testing
 
 
 # ---------------------------------------------------------------- memory of this process

@@ -3,7 +3,7 @@
     python -m bench --only train [--quick] [--repeats N]
 
 One step = training_step (forward, head targets, detection and depth losses), backward and
-the AdamW step, on a fixed realistic batch (tests/integration/_bevdepth_helpers.training_batch:
+the AdamW step, on a fixed realistic batch (bevdepth_npu/testing.py training_batch:
 batch 1, all cameras and key frames of the experiment, boxes, sparse depth labels), from the
 same random initialisation (no pretrained download). Patched and upstream each run in their own
 worker (upstream: pristine checkout, its CUDA pooling replaced by the parity tests' index_put_

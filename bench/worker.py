@@ -8,8 +8,8 @@ Roles (which ``bevdepth`` this process imports):
   patched        the installed bevdepth (the patched tree of the bevdepth-npu environment)
   upstream-cpu   the pristine checkout given by --upstream-source, with upstream's two CUDA
                  voxel-pooling extensions replaced by the parity tests' reference pooling and
-                 ``.cuda()`` mapped to the CPU (tests/integration/_bevdepth_helpers/
-                 upstream_runner.py does both; nothing else of upstream changes)
+                 ``.cuda()`` mapped to the CPU (bevdepth_npu/testing.py does both, for the
+                 parity tests too; nothing else of upstream changes)
   upstream-cuda  the pristine checkout as it is, its compiled CUDA extensions included
   plain          no bevdepth (harness self-tests)
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -32,22 +31,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from bench import harness
-
-RUNNER_PATH = (harness.REPO_ROOT / "tests" / "integration" / "_bevdepth_helpers" /
-               "upstream_runner.py")
-
-
-def load_upstream_runner():
-    """The parity tests' upstream runner module (its import_pristine and install_cpu_shims)."""
-    if not RUNNER_PATH.is_file():
-        raise harness.BenchError(f"{RUNNER_PATH} is missing: the benchmarks reuse the parity "
-                                 "tests' way of running pristine upstream on CPU")
-    spec = importlib.util.spec_from_file_location("_bench_upstream_runner", RUNNER_PATH)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
-
+from bevdepth_npu import testing
 
 def prepare_role(role: str, upstream_source: Optional[str]) -> Dict[str, Any]:
     """Make ``import bevdepth`` give the code this role measures; return facts about it."""
@@ -58,10 +42,9 @@ def prepare_role(role: str, upstream_source: Optional[str]) -> Dict[str, Any]:
         source = Path(upstream_source).resolve()
         if not (source / "bevdepth").is_dir():
             raise harness.BenchError(f"--upstream-source {source} has no bevdepth/ package")
-        runner = load_upstream_runner()
-        runner.import_pristine(source)
+        testing.import_pristine(source)
         if role == harness.ROLE_UPSTREAM_CPU:
-            runner.install_cpu_shims(runner.load_helpers())
+            testing.install_cpu_shims()
         facts["bevdepth_root"] = str(source)
     elif role == harness.ROLE_PATCHED:
         import bevdepth

@@ -1,11 +1,13 @@
 """``bevdepth-npu``: fetch the pinned upstreams, apply/export/check the patches, build the
-environment, generate the synthetic nuScenes, summarise runs and draw their predictions.
+environment, generate the synthetic nuScenes, run trainings and evaluations, summarise runs
+and draw their predictions.
 
     bevdepth-npu fetch [NAME...] [--mirror NAME=PATH_OR_URL]
     bevdepth-npu apply NAME|all [--into DIR] [--revert]
     bevdepth-npu export NAME [--from DIR]
     bevdepth-npu check [NAME...]
-    bevdepth-npu env [--device auto|cpu|cuda|npu]
+    bevdepth-npu env [--device auto|cpu|cuda|npu] [--mirror NAME=PATH_OR_URL]
+    bevdepth-npu run full|performance|eval|smoke [--name=value ...] [-- EXPERIMENT ARGS]
     bevdepth-npu synth --out DIR
     bevdepth-npu summarize RUN_DIR
     bevdepth-npu doctor [--device auto|npu|cuda|cpu] [--quick] [--data-root DIR [--full]]
@@ -38,6 +40,8 @@ COMMANDS = {
             "build or reuse the virtualenv with the patched stack"),
     "synth": ("bevdepth_npu.synth", "add_arguments", "run",
               "write a synthetic nuScenes dataset (v1.0-mini layout)"),
+    "run": ("bevdepth_npu.run", "add_arguments", "run",
+            "train, evaluate or smoke-test in a fresh run directory (what test/*.sh launch)"),
     "summarize": ("bevdepth_npu.summarize", "add_arguments", "run",
                   "compute throughput and metrics of a run directory; write the summaries"),
     "doctor": ("bevdepth_npu.doctor", "add_arguments", "run",

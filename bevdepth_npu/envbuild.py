@@ -1,8 +1,11 @@
 """``bevdepth-npu env``: build or reuse one virtualenv with the whole patched stack.
 
     bevdepth-npu env [--device auto|cpu|cuda|npu] [--venv DIR] [--python EXE] [--rebuild STAGE]
+                     [--mirror NAME=PATH_OR_URL]
 
-Stages, each with a progress line, each skipped when what went into it is unchanged (recorded in
+Pins the cache lacks are fetched first (``bevdepth-npu fetch``, honouring ``--mirror`` and
+BEVDEPTH_NPU_MIRRORS); offline without a mirror that stops with fetch's error. Stages, each
+with a progress line, each skipped when what went into it is unchanged (recorded in
 ``<venv>/bevdepth-npu-env.json``): the venv itself; torch 2.1.0 + torchvision 0.16.0 (on npu:
 checks the torch/torch_npu/mx_driving you installed, never installs CANN); requirements.txt;
 mmcv-full from the pin + mmcv.patch (MMCV_WITH_OPS=1, FORCE_NPU=1 on npu); mmdet3d from the pin +
@@ -309,16 +312,37 @@ def stage_keys(env: Env) -> Dict[str, str]:
     }
 
 
+def fetch_missing(mirror_entries: Optional[List[str]] = None) -> None:
+    """Fetch the pins the cache lacks (``bevdepth-npu fetch`` for just those), from the mirrors
+    of ``--mirror`` entries and BEVDEPTH_NPU_MIRRORS; one error naming each that failed."""
+    missing = [p for p in pins.PINS if not upstream.source_ready(p)]
+    if not missing:
+        return
+    mirrors = upstream.mirrors_from(mirror_entries)
+    log(f"env: fetching the pinned sources the cache {paths.cache_dir()} lacks: "
+        f"{', '.join(p.name for p in missing)}")
+    failures = []
+    for pin in missing:
+        try:
+            upstream.fetch(pin, mirrors.get(pin.name))
+        except UserError as exc:
+            if not pin.patched:
+                # a reference upstream serves tests only; the environment does not need it
+                log(f"warning: {exc}; the tests that read {pin.name}'s sources will skip")
+                continue
+            failures.append(str(exc))
+    if failures:
+        raise UserError("the pinned sources are not in the cache and fetching them failed:\n  "
+                        + "\n  ".join(failures))
+
+
 def build(device: str = "auto", venv: Optional[Path] = None, python: Optional[str] = None,
-          rebuild: Optional[List[str]] = None, verbose: bool = False) -> Path:
+          rebuild: Optional[List[str]] = None, verbose: bool = False,
+          mirrors: Optional[List[str]] = None) -> Path:
     device = detect_device() if device == "auto" else device
     venv = (venv or paths.venv_dir(device)).expanduser().resolve()
     env = Env(venv, device, python or sys.executable, verbose)
-    missing = [p.name for p in pins.patched_pins() if not upstream.source_ready(p)]
-    if missing:
-        raise UserError(f"the pinned sources of {', '.join(missing)} are not in the cache "
-                        f"{paths.cache_dir()}; run `bevdepth-npu fetch` first (with --mirror "
-                        f"NAME=PATH where GitHub is unreachable)")
+    fetch_missing(mirrors)
     log(f"env: {device} environment in {venv}")
     t_all = time.monotonic()
     keys = stage_keys(env)
@@ -358,12 +382,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rebuild", action="append", choices=STAGES + ("all",), metavar="STAGE",
                    help="redo STAGE and the ones after it even if unchanged (repeatable; "
                         f"{', '.join(STAGES)}, all)")
+    p.add_argument("--mirror", action="append", metavar="NAME=PATH_OR_URL",
+                   help="where to fetch a pin the cache lacks, as for `bevdepth-npu fetch` "
+                        f"(repeatable; also {upstream.MIRRORS_ENV}, comma separated)")
     p.add_argument("--print-python", action="store_true",
                    help="only print the environment's python path on stdout at the end")
 
 
 def run(args: argparse.Namespace) -> int:
-    venv = build(args.device, args.venv, args.python, args.rebuild)
+    venv = build(args.device, args.venv, args.python, args.rebuild, mirrors=args.mirror)
     if args.print_python:
         print(venv / "bin" / "python")
     return 0

@@ -1,13 +1,25 @@
-"""File writes that a crash cannot leave half done."""
+"""File-system operations a crash cannot leave half done, and the one newest-file search.
+
+- ``atomic_write(path, data)``: readers see the old file or the new one, never a part;
+- ``replace_symlink(link, target)``: point a symbolic link elsewhere in one rename; a regular
+  file of that name is left alone;
+- ``newest_file(roots, match)``: the newest file below some directories (run checkpoints,
+  metrics summaries, step logs all go through it).
+
+Used by the run layer (bevdepth_npu/run/, bevdepth_npu/runrecord.py), summarize, the environment
+builder and the benchmarks. Tests: tests/unit/test_runrecord.py.
+"""
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Callable, Union
+from typing import IO, Callable, Iterable, Optional, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 
-def atomic_write(path: Union[str, Path], data: Union[bytes, Callable[[IO[bytes]], None]]) -> None:
+def atomic_write(path: PathLike, data: Union[bytes, Callable[[IO[bytes]], None]]) -> None:
     """Write ``data`` (bytes, or a function that writes to a binary handle) to ``path`` through a
     temporary file in the same directory and a rename: readers see the old file or the new one.
 
@@ -36,3 +48,44 @@ def atomic_write(path: Union[str, Path], data: Union[bytes, Callable[[IO[bytes]]
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """``atomic_write`` of UTF-8 text."""
+    atomic_write(path, text.encode("utf-8"))
+
+
+def replace_symlink(link: PathLike, target: str) -> bool:
+    """Make ``link`` a symbolic link to ``target`` (kept as given, e.g. relative) in one rename.
+
+    Returns False, changing nothing, when ``link`` exists and is not a symbolic link: a regular
+    file there was written by someone else and is never replaced.
+    """
+    link = Path(link)
+    if link.exists() and not link.is_symlink():
+        return False
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    return True
+
+
+def newest_file(roots: Iterable[PathLike], match: Callable[[str], bool]) -> Optional[Path]:
+    """The newest file (modification time, then path) below ``roots`` whose name ``match``es;
+    None if there is none. Missing roots are skipped; links to files count, links to
+    directories are not followed (a ``latest`` link would count a run twice)."""
+    found = []
+    for root in roots:
+        for directory, dirs, files in os.walk(str(root)):
+            dirs.sort()
+            for name in sorted(files):
+                if match(name):
+                    path = os.path.join(directory, name)
+                    try:
+                        found.append((os.stat(path).st_mtime_ns, path))
+                    except OSError:   # a dangling link, or removed meanwhile
+                        continue
+    # Ties on mtime (coarse clocks, copied trees) are broken by path so the choice is stable.
+    return Path(max(found)[1]) if found else None

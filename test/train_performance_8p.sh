@@ -1,37 +1,18 @@
 #!/usr/bin/env bash
 # BEVDepth performance run: train bev_depth_lss_r50_256x704_128x128_24e_2key for one epoch on
-# CARDS devices and report samples/s (ActualFPS, warm-up steps excluded), images/s and the loss.
+# CARDS devices per node; report samples/s (ActualFPS, warm-up excluded), images/s and loss.
 #
 # Usage:  bash test/train_performance_8p.sh [--name=value ...] [--fresh] [-- EXPERIMENT ARGS...]
-#         (from the bevdepth-npu checkout, or from BEVDepth after cp -r test/* BEVDepth/test/)
-#         e.g. bash test/train_performance_8p.sh -- --max_steps 200
-#
-# Settings: --name=value flags or environment variables (NAME in capitals), defaults in ():
-#   --cards=N               devices per node, one process each (8)
-#   --batch-size=N          samples per device (8)
-#   --epochs=N              epochs (1)
-#   --learning-rate=X       learning rate per sample; times batch x devices (0.000003125 = 2e-4/64)
-#   --seed=N                (0)        --precision=16|32|bf16  (16; CPU falls back to 32)
-#   --data-root=DIR         nuScenes with info files, relative to BEVDepth (data/nuScenes)
-#   --exp=FILE              experiment (bevdepth/exps/nuscenes/mv/bev_depth_lss_r50_256x704_128x128_24e_2key.py)
-#   --device=npu|cuda|cpu   (what BEVDepth detects)
-#   --nnodes=N --node-rank=R --master-addr=HOST --master-port=PORT
-#                           several machines: run this on each, same NNODES/MASTER_*, NODE_RANK 0..N-1 (1 0)
-#   --ascend-device-id=N    output subdirectory, ModelZoo convention (0)
-#   --output-root=DIR       (test/output next to this script)
-#   --network=NAME          Network of the summary (BEVDepth_for_PyTorch)
-#   --ckpt-every-n-steps=N  also checkpoint every N steps, 0 = at epoch ends only (0)
-#   --warmup-steps=N        steps left out of the speed figures (5)
-#   --bind-cores=auto|0|1   per-rank CPU core binding in training (auto: on for npu)
-#   --resume=auto|none|CKPT auto: continue the newest unfinished identical run (auto)
-#   --fresh                 same as --resume=none: always a new run directory
-#   --python=PATH --bevdepth-root=DIR    interpreter and BEVDepth checkout (found if not given)
-#   after --                passed to the experiment unchanged
-#
-# Output: test/output/<ASCEND_DEVICE_ID>/<CaseName>_<time>/ (train_<id>.log, <CaseName>.log,
-# summary.json, curves.png, run.json, checkpoints/), links to the newest run's files in
-# test/output/<ASCEND_DEVICE_ID>/. Exit status: 0 on success, the training's status if it failed.
+#         bash test/train_performance_8p.sh --help      (every setting, its variable and default)
+# From the bevdepth-npu checkout, or from BEVDepth after cp -r test/* BEVDepth/test/. The run
+# is `bevdepth-npu run performance` (bevdepth_npu/run/); this script only finds its interpreter:
+# $PYTHON, else the environment `bevdepth-npu env` built, else python3.
 set -euo pipefail
-# shellcheck source=common.sh
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-bd_train_script performance "${BASH_SOURCE[0]}" "$@"
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+[[ ! -d $here/../bevdepth_npu ]] || export PYTHONPATH=$here/..${PYTHONPATH:+:$PYTHONPATH}
+shopt -s nullglob
+cache=${BEVDEPTH_NPU_CACHE:-$HOME/.cache/bevdepth-npu}
+envs=("$cache"/venvs/{"${DEVICE:-npu}",npu,cuda,cpu}-py*/bin/python)
+python=${PYTHON:-${envs[0]:-python3}}
+command -v "$python" >/dev/null || { echo "error: PYTHON=$python: no such program" >&2; exit 1; }
+exec "$python" -m bevdepth_npu run performance --launcher "${BASH_SOURCE[0]}" "$@"

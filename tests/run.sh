@@ -7,6 +7,7 @@
 # cache already holds them), builds or reuses the CPU environment with `bevdepth-npu env`, then
 # runs pytest in it. Without the upstream sources (a fresh machine with no GitHub access and no
 # mirror) it runs the tests that need none, in a small venv, and the others skip with a reason.
+# pip's own output goes to <venv>/bevdepth-npu-logs/test-requirements.log (shown if it fails).
 #
 # Settings (environment variables):
 #   DEVICE=cpu|cuda|npu|auto   environment to test in (default: cpu)
@@ -18,6 +19,16 @@ PYTHON=${PYTHON:-python3}
 case "$DEVICE" in cpu|cuda|npu|auto) ;; *) echo "tests/run.sh: DEVICE=$DEVICE: use cpu, cuda, npu or auto" >&2; exit 1 ;; esac
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# quiet_pip VENV [PACKAGES...]: requirements-test.txt (and PACKAGES) into VENV; pip's resolver
+# notes about packages installed without their requirements are not the test suite's business.
+quiet_pip() {
+    local venv=$1 log=$1/bevdepth-npu-logs/test-requirements.log
+    shift
+    mkdir -p "$(dirname "$log")"
+    "$venv/bin/python" -m pip install --disable-pip-version-check -r requirements-test.txt "$@" \
+        >"$log" 2>&1 || { cat "$log" >&2; echo "tests/run.sh: pip failed (log: $log)" >&2; exit 1; }
+}
+
 if "$PYTHON" -m bevdepth_npu fetch; then
     venv_python=$("$PYTHON" -m bevdepth_npu env --device "$DEVICE" --print-python)
 else
@@ -25,9 +36,9 @@ else
     cache=${BEVDEPTH_NPU_CACHE:-$HOME/.cache/bevdepth-npu}
     light="$cache/venvs/light-$("$PYTHON" -c 'import sys; print("py%d.%d" % sys.version_info[:2])')"
     [ -x "$light/bin/python" ] || "$PYTHON" -m venv "$light"
-    "$light/bin/python" -m pip install --quiet --disable-pip-version-check \
-        -r requirements-test.txt numpy==1.23.5 pillow matplotlib pyquaternion "nuscenes-devkit==1.2.0; python_version >= '3.9'" "nuscenes-devkit==1.1.11; python_version < '3.9'"
     venv_python="$light/bin/python"
+    quiet_pip "$light" numpy==1.23.5 pillow matplotlib pyquaternion filelock \
+        "nuscenes-devkit==1.2.0; python_version >= '3.9'" "nuscenes-devkit==1.1.11; python_version < '3.9'"
 fi
-"$venv_python" -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
+quiet_pip "$("$venv_python" -c 'import sys; print(sys.prefix)')"
 exec "$venv_python" -m pytest tests "$@"

@@ -48,30 +48,6 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / scale if scale else diff
 
 
-def _pool_reference(geom: torch.Tensor, features: torch.Tensor, grid) -> torch.Tensor:
-    """float64 sum pooling on the host, written apart from the port: (B, C, Y, X)."""
-    grid_x, grid_y, grid_z = grid
-    batch, _, channels = features.shape
-    geom = geom.long()
-    keep = ((geom >= 0) & (geom < torch.tensor([grid_x, grid_y, grid_z]))).all(-1)
-    b_idx = torch.arange(batch).view(batch, 1).expand_as(keep)[keep]
-    out = torch.zeros(batch, grid_y, grid_x, channels, dtype=torch.float64)
-    out.index_put_((b_idx, geom[..., 1][keep], geom[..., 0][keep]),
-                   features.double()[keep], accumulate=True)
-    return out.permute(0, 3, 1, 2)
-
-
-def _gather_reference(geom: torch.Tensor, grad_out: torch.Tensor, grid) -> torch.Tensor:
-    grid_x, grid_y, grid_z = grid
-    geom = geom.long()
-    keep = ((geom >= 0) & (geom < torch.tensor([grid_x, grid_y, grid_z]))).all(-1)
-    batch, num_points = keep.shape
-    grad = torch.zeros(batch, num_points, grad_out.shape[1], dtype=grad_out.dtype)
-    b_idx = torch.arange(batch).view(batch, 1).expand_as(keep)[keep]
-    grad[keep] = grad_out.permute(0, 2, 3, 1)[b_idx, geom[..., 1][keep], geom[..., 0][keep]]
-    return grad
-
-
 def pooling_inputs(dtype: torch.dtype, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cells over the grid and a margin outside it (dropped), features in ``dtype``."""
     shape = POOLING_SHAPE
@@ -90,9 +66,10 @@ def pooling_inputs(dtype: torch.dtype, seed: int = 0) -> Tuple[torch.Tensor, tor
 def check_pooling(target: Target, dtype: torch.dtype) -> str:
     """Training pooling forward and backward on the device, against float64 on the host."""
     from bevdepth.ops.voxel_pooling import voxel_pooling
+    from bevdepth_npu.testing import gather_reference, pool_reference
     grid = POOLING_SHAPE["grid"]
     geom, features = pooling_inputs(dtype)
-    expected = _pool_reference(geom, features, grid)
+    expected = pool_reference(geom, features.double(), grid)
     device_features = target.to(features).requires_grad_(True)
     t0 = time.monotonic()
     pooled = voxel_pooling(target.to(geom), device_features, grid,
@@ -110,7 +87,7 @@ def check_pooling(target: Target, dtype: torch.dtype) -> str:
                    f"(allowed {POOLING_TOLERANCE[dtype]:.0e})",
                    "report it with this output; train in fp32 (--precision 32) meanwhile")
     grad = device_features.grad.cpu()
-    if not torch.equal(grad, _gather_reference(geom, grad_out, grid)):
+    if not torch.equal(grad, gather_reference(geom, grad_out, grid)):
         raise Fail("backward is not the gather of the output gradient",
                    "report it with this output")
     b, n, c = features.shape
@@ -125,40 +102,11 @@ def smoke_backbone():
     return BaseLSSFPN(**copy.deepcopy(smoke.backbone_conf))
 
 
-def camera_mats(batch: int, sweeps: int, final_dim, seed: int = 0) -> Dict[str, torch.Tensor]:
-    """nuScenes-like matrices: six cameras around the car (1600x900 images, focal about 1260 px),
-    resize and crop to ``final_dim`` with a random flip, a rotated and scaled BEV (bda)."""
-    gen = torch.Generator().manual_seed(seed)
-    cam_axes = torch.tensor([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
-    eye = torch.eye(4).repeat(batch, sweeps, 6, 1, 1)
-    sensor2ego, intrin, ida = eye.clone(), eye.clone(), eye.clone()
-    for c, yaw_deg in enumerate((55, 0, -55, 110, 180, -110)):
-        yaw = math.radians(yaw_deg)
-        rot = torch.tensor([[math.cos(yaw), -math.sin(yaw), 0.0],
-                            [math.sin(yaw), math.cos(yaw), 0.0], [0.0, 0.0, 1.0]])
-        sensor2ego[:, :, c, :3, :3] = rot @ cam_axes
-        sensor2ego[:, :, c, :3, 3] = torch.tensor([1.5 * math.cos(yaw), 0.8 * math.sin(yaw), 1.5])
-        focal = 1250.0 + 20.0 * torch.rand(1, generator=gen).item()
-        intrin[:, :, c, 0, 0] = intrin[:, :, c, 1, 1] = focal
-        intrin[:, :, c, 0, 2], intrin[:, :, c, 1, 2] = 800.0, 450.0
-        resize = final_dim[1] / 1600.0
-        flip = torch.rand(1, generator=gen).item() < 0.5
-        ida[:, :, c, 0, 0] = -resize if flip else resize
-        ida[:, :, c, 0, 3] = 1600.0 * resize if flip else 0.0
-        ida[:, :, c, 1, 1] = resize
-        ida[:, :, c, 1, 3] = -max(0.0, 900.0 * resize - final_dim[0])
-    angle = math.radians(20.0)
-    bda = torch.eye(4).repeat(batch, 1, 1)
-    bda[:, :2, :2] = 1.05 * torch.tensor([[math.cos(angle), -math.sin(angle)],
-                                          [math.sin(angle), math.cos(angle)]])
-    return dict(sensor2ego_mats=sensor2ego, intrin_mats=intrin, ida_mats=ida,
-                sensor2sensor_mats=torch.eye(4).repeat(batch, sweeps, 6, 1, 1), bda_mat=bda)
-
-
 def check_geometry(target: Target) -> str:
     """get_geometry under the device's mixed precision equals float64 on the host: it must stay
     fp32 (in fp16, pixel x times depth overflows)."""
     from bevdepth.utils import device
+    from bevdepth_npu.testing import camera_mats
     backbone = smoke_backbone()
     mats = camera_mats(2, 1, backbone.final_dim)
     args = [mats["sensor2ego_mats"][:, 0], mats["intrin_mats"][:, 0], mats["ida_mats"][:, 0],
@@ -242,6 +190,7 @@ def check_smoke_model(target: Target) -> str:
     them (fp16 autocast on npu and cuda, fp32 on CPU): finite losses and gradients."""
     from bevdepth.exps.nuscenes.smoke import bev_depth_lss_r18_smoke_2key as smoke
     from bevdepth.utils import device
+    from bevdepth_npu.testing import camera_mats
     root = tempfile.mkdtemp(prefix="bevdepth-npu-doctor-")
     try:
         module = smoke.BEVDepthLightningModel(default_root_dir=root, data_root=root,

@@ -42,7 +42,7 @@ def _finish(procs):
 
 def test_two_nodes_train_as_one_job(tmp_path_factory):
     helpers.require_stack()
-    from bevdepth_npu.steplog import parse_step_log
+    from bevdepth_npu.steplog import read_steps
     data = helpers.tiny_dataset(tmp_path_factory.getbasetemp())
     out = tmp_path_factory.mktemp("multinode")
     port = helpers.free_port()
@@ -54,12 +54,12 @@ def test_two_nodes_train_as_one_job(tmp_path_factory):
     (run1,) = helpers.run_dirs(out / "node1")
     case = "BEVDepth_for_PyTorch_bs1_2p_perf"
     assert run0.name.startswith(f"{case}_node0_") and run1.name.startswith(f"{case}_node1_")
-    log = parse_step_log(run0 / "train_0.log")
+    log = read_steps(run0 / "steps.jsonl")
     assert [r.step for r in log.records] == [1, 2]
     # Two processes: twice the batch and, per the recipe, twice the learning rate.
     assert all(r.global_batch == 2 for r in log.records)
     assert all(r.lr == pytest.approx(2 * 3.125e-06) for r in log.records)
-    assert not parse_step_log(run1 / "train_0.log").records   # global rank 0 logs alone
+    assert not (run1 / "steps.jsonl").exists()   # global rank 0 logs alone
     values = helpers.read_case_log(run0 / f"{case}.log")
     assert values["RankSize"] == "2" and values["CaseName"] == case
     assert not (run1 / f"{case}.log").exists()

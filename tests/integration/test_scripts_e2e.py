@@ -48,7 +48,7 @@ def _train_args():
 
 @pytest.fixture(scope="module")
 def full_1p(data, out):
-    env = helpers.script_env(out / "full1", data, CARDS=1, EPOCHS=1, EVAL_CARDS=1)
+    env = helpers.script_env(out / "full1", data, CARDS=1, EPOCHS=1, EVAL_CARDS=1, DOCTOR=1)
     proc = helpers.run_script("train_full_8p.sh", env, _train_args())
     (run_dir,) = helpers.run_dirs(out / "full1")
     return proc, run_dir, helpers.snapshot(run_dir)
@@ -64,8 +64,8 @@ def full_2p(data, out):
 
 
 def _step_log(run_dir: Path):
-    from bevdepth_npu.steplog import parse_step_log
-    return parse_step_log(run_dir / "train_0.log")
+    from bevdepth_npu.steplog import read_steps
+    return read_steps(run_dir / "steps.jsonl")
 
 
 def _check_training_summary(run_dir: Path, cards: int, mode: str):
@@ -109,7 +109,7 @@ def _check_training_summary(run_dir: Path, cards: int, mode: str):
     assert (device_dir / "latest").resolve() == run_dir.resolve()
     # Core binding is for NPU training only; never for evaluation.
     attempt = run["attempts"][-1]
-    assert attempt["pl_bind_cores"] == 0
+    assert attempt["bind_cores"] == 0
     return values
 
 
@@ -129,9 +129,14 @@ def test_train_full(cards, full_1p, full_2p):
     _check_metrics(run_dir, values)
     assert (run_dir.parent / "eval_0.log").resolve() == (run_dir / "eval_0.log").resolve()
     run = helpers.read_json(run_dir / "run.json")
-    assert run["attempts"][-1]["pl_bind_cores_eval"] == 0
+    assert run["attempts"][-1]["bind_cores_eval"] == 0
     assert run["checkpoint"] == str(run_dir / "checkpoints" / "last.ckpt")
     assert "new run directory" in proc.stdout
+    if cards == 1:  # the self-test ran first, quietly, and passed
+        doctor = helpers.read_json(run_dir / "doctor.json")
+        assert doctor["ok"] is True and doctor["device"] == "cpu"
+        assert "self-test: bevdepth-npu doctor --quick" in proc.stdout
+        assert "PASS" not in proc.stdout
 
 
 @pytest.mark.parametrize("cards", [1, 2])
@@ -189,7 +194,7 @@ def test_eval_two_processes_score_like_one(full_2p, out, data):
         run = helpers.read_json(run_dir / "run.json")
         assert run["mode"] == "eval" and run["status"] == "completed"
         assert run["checkpoint"] == str(ckpt)
-        assert run["attempts"][-1]["pl_bind_cores_eval"] == 0
+        assert run["attempts"][-1]["bind_cores_eval"] == 0
         assert (run_dir.parent / "eval_0.log").resolve() == (run_dir / "eval_0.log").resolve()
         assert proc.returncode == 0
     assert scored[1] == scored[2] == expected

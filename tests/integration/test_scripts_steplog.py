@@ -1,16 +1,17 @@
-"""The step-log callback of the patched BEVDepth tree writes what bevdepth-npu parses.
+"""The step-log callback of the patched BEVDepth tree writes what bevdepth-npu reads.
 
 bevdepth/callbacks/step_log.py cannot import bevdepth_npu (the BEVDepth tree runs without it),
-so it writes the format itself; here its lines, from a real Lightning 1.6.5 fit, go through
-bevdepth_npu.steplog.parse_step_lines and must come back as the values the run had.
+so it writes the steps.jsonl records itself; here its records, from a real Lightning 1.6.5 fit,
+go through bevdepth_npu.steplog.read_steps and must come back as the values the run had, and
+the human line per step still goes to the stream.
 
 Run: python -m pytest tests/integration/test_scripts_steplog.py -q   (in the bevdepth-npu env)
 """
 from __future__ import annotations
 
 import io
+import json
 import math
-import random
 
 import pytest
 
@@ -61,59 +62,82 @@ class ToyModel(pl.LightningModule):
         return torch.utils.data.DataLoader(ToyCameras(), batch_size=BATCH)
 
 
-def _fit(tmp_path, accumulate=1):
+def _fit(tmp_path, accumulate=1, model=None, max_epochs=2, max_steps=-1):
     stream = io.StringIO()
-    model = ToyModel()
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=str(tmp_path),
+    model = model or ToyModel()
+    trainer = pl.Trainer(max_epochs=max_epochs, max_steps=max_steps, accelerator="cpu",
+                         devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=str(tmp_path),
                          accumulate_grad_batches=accumulate,
                          callbacks=[step_log.StepLogCallback(stream=stream)])
     trainer.fit(model)
     return model, stream.getvalue()
 
 
-def test_lines_of_a_lightning_fit_parse_back(tmp_path):
+def test_records_of_a_lightning_fit_read_back(tmp_path):
     model, text = _fit(tmp_path)
-    lines = text.splitlines(keepends=True)
-    assert len(lines) == 6 and all(line.startswith("BEVDEPTH_STEP ") for line in lines)
-    log = steplog.parse_step_lines(lines)
+    lines = text.splitlines()
+    assert len(lines) == 6 and all(line.startswith("BEVDEPTH_STEP step=") for line in lines)
+    log = steplog.read_steps(tmp_path / "steps.jsonl")
     assert not log.malformed and log.restarts == 0
     assert [r.step for r in log.records] == [1, 2, 3, 4, 5, 6]
+    assert [r.process_step for r in log.records] == [1, 2, 3, 4, 5, 6]
     assert [r.epoch for r in log.records] == [0, 0, 0, 1, 1, 1]
-    assert [r.loss for r in log.records] == pytest.approx(model.losses, rel=1e-5)
+    assert [r.loss for r in log.records] == pytest.approx(model.losses, rel=1e-6)
     # The learning rate the step used: halved by the scheduler after epoch 0.
     assert [r.lr for r in log.records] == pytest.approx(model.lrs)
     assert model.lrs == [0.01] * 3 + [0.005] * 3
     assert all(r.global_batch == BATCH for r in log.records)
     assert all(r.images_per_sample == FRAMES * CAMERAS for r in log.records)
+    assert all(r.total_steps == 6 for r in log.records)
     assert all(r.step_time_s > 0 and 0 <= r.data_time_s <= r.step_time_s for r in log.records)
+    times = [r.time_s for r in log.records]
+    assert times == sorted(times) and times[0] > 1.6e9
+    # The human line carries the same numbers.
+    assert lines[0].split()[1:3] == ["step=1", "epoch=0"]
 
 
 def test_gradient_accumulation_logs_optimizer_steps(tmp_path):
-    model, text = _fit(tmp_path, accumulate=3)
-    assert len(text.splitlines()) == 2
-    log = steplog.parse_step_lines(text.splitlines(keepends=True))
+    _fit(tmp_path, accumulate=3)
+    log = steplog.read_steps(tmp_path / "steps.jsonl")
     assert not log.malformed
     assert [r.step for r in log.records] == [1, 2]   # 2 epochs of 3 batches, 1 update each
     assert [r.epoch for r in log.records] == [0, 1]
+    assert all(r.total_steps == 2 for r in log.records)
     assert all(0 <= r.data_time_s <= r.step_time_s for r in log.records)
 
 
-def test_same_text_as_the_helper_for_any_values():
-    rng = random.Random(5)
-    cases = [dict(step=1, epoch=0, step_time_s=1e-9, data_time_s=0.0, loss=math.nan, lr=0.0,
-                  global_batch=1, images_per_sample=1),
-             dict(step=10536, epoch=23, step_time_s=1.98234567, data_time_s=0.0123456789,
-                  loss=-math.inf, lr=3.125e-06, global_batch=64, images_per_sample=12)]
-    for _ in range(200):
-        cases.append(dict(step=rng.randint(1, 10**7), epoch=rng.randint(0, 500),
-                          step_time_s=10 ** rng.uniform(-6, 4), data_time_s=10 ** rng.uniform(-9, 3),
-                          loss=rng.choice([1, -1]) * 10 ** rng.uniform(-8, 8),
-                          lr=10 ** rng.uniform(-12, 0), global_batch=rng.randint(1, 4096),
-                          images_per_sample=rng.randint(1, 60)))
-    for values in cases:
-        ours = step_log.format_step_line(**values)
-        assert ours == steplog.format_step_line(**values)
-        parsed = steplog.parse_step_line(ours + "\n")
-        assert parsed.step == values["step"] and parsed.global_batch == values["global_batch"]
+@pytest.mark.parametrize("max_epochs, max_steps, total", [(-1, 7, 7), (5, 4, 4), (-1, -1, None)])
+def test_total_steps_is_what_ends_the_fit(tmp_path, max_epochs, max_steps, total):
+    """The smoke run trains with --max_steps N --max_epochs -1: N steps, whatever the epochs."""
+    if total is None:   # nothing bounds the fit: stop it after two epochs from the model
+        model = ToyModel()
+        model.training_epoch_end = lambda outputs: setattr(
+            model.trainer, "should_stop", model.trainer.current_epoch >= 1)
+        _fit(tmp_path, model=model, max_epochs=max_epochs, max_steps=max_steps)
+    else:
+        _fit(tmp_path, max_epochs=max_epochs, max_steps=max_steps)
+    records = steplog.read_steps(tmp_path / "steps.jsonl").records
+    assert records and all(r.total_steps == total for r in records)
+    if total is not None:
+        assert records[-1].step == total
+
+
+class Diverging(ToyModel):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * math.inf if batch_idx == 1 else loss
+
+
+def test_a_second_run_appends_after_a_cut_line_and_a_nan_loss_is_null(tmp_path):
+    steps = tmp_path / "steps.jsonl"
+    steps.write_text('{"step": 1, "epoch": 0, "step_ti')   # a crash mid-line
+    _fit(tmp_path, model=Diverging())
+    raw = steps.read_text().splitlines()
+    assert raw[0] == '{"step": 1, "epoch": 0, "step_ti' and len(raw) == 7
+    assert json.loads(raw[2])["loss"] is None      # strict JSON: no NaN/Infinity tokens
+    log = steplog.read_steps(steps)
+    assert [m.line_no for m in log.malformed] == [1]
+    assert [r.step for r in log.records] == [1, 2, 3, 4, 5, 6]
+    assert math.isnan(log.records[1].loss)

@@ -1,7 +1,7 @@
 """Tests of ``bevdepth-npu summarize`` (bevdepth_npu/summarize.py) on temporary run directories.
 
 Run: python -m pytest tests/unit/test_summarize.py -q
-Expected figures are worked out by hand from tests/fixtures/steplogs/clean.log:
+Expected figures are worked out by hand from tests/fixtures/steps/clean.jsonl:
   steps 1-8, global_batch 64, images_per_sample 12,
   step_time_s 9.5 3.25 2.5 2.25 2.125 | 2.0 2.0 4.0   (the first 5 are warm-up by default)
   data_time_s 5.0 1.0  0.5 0.5  0.25  | 0.25 0.5 0.75
@@ -13,6 +13,7 @@ sum of all step times = 27.625 s.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -23,12 +24,12 @@ import pytest
 from bevdepth_npu.summarize import (
     SummarizeInputError,
     add_arguments,
-    find_train_log,
+    find_steps,
     run,
     summarize,
 )
 
-FIXTURES = os.path.join(os.path.dirname(__file__), os.pardir, "fixtures", "steplogs")
+FIXTURES = os.path.join(os.path.dirname(__file__), os.pardir, "fixtures", "steps")
 
 # The devkit's metrics_summary.json layout (nuscenes.eval.detection DetectionMetrics.serialize),
 # trimmed to two classes.
@@ -62,7 +63,7 @@ RUN_JSON_FULL = {
 }
 
 
-def make_run(root, log="clean.log", run_json=None, metrics=None, log_name="train.log",
+def make_run(root, log="clean.jsonl", run_json=None, metrics=None, log_name="steps.jsonl",
              metrics_rel="output/metrics_summary.json"):
     run_dir = root / "run"
     run_dir.mkdir()
@@ -138,9 +139,10 @@ def test_full_run_end_to_end(tmp_path, capsys):
     assert sources["E2ETrainingTime"] == "run.json end_time_s - start_time_s"
     assert sources["mAP"] == "output/metrics_summary.json mean_ap"
     assert sources["mAVE"] == "output/metrics_summary.json tp_errors.vel_err"
-    assert sources["step_log"] == "train.log"
-    assert sources["ActualFPS"].startswith("train.log: sum(global_batch) / sum(step_time_s) over 3")
-    assert sources["ActualLoss"] == "train.log: mean loss of the last 8 steps (steps 1-8)"
+    assert sources["step_log"] == "steps.jsonl"
+    assert sources["ActualFPS"].startswith("steps.jsonl: sum(global_batch) / sum(step_time_s) "
+                                           "over 3")
+    assert sources["ActualLoss"] == "steps.jsonl: mean loss of the last 8 steps (steps 1-8)"
     assert sources["CaseName"].startswith("derived")
     assert sources["Network"] == sources["mode"] == "run.json"
     out = capsys.readouterr().out
@@ -169,7 +171,7 @@ def test_performance_run_flags_override_and_training_time_falls_back(tmp_path):
     assert summary["sources"]["Network"] == "--network"
     assert summary["sources"]["RankSize"] == "--rank-size"
     assert summary["sources"]["TrainingTime"] == (
-        "train.log: sum of step_time_s over all 8 logged steps")
+        "steps.jsonl: sum of step_time_s over all 8 logged steps")
     assert "E2ETrainingTime" not in summary and "mAP" not in summary
     assert summary["complete"] is True
 
@@ -192,7 +194,7 @@ def test_running_twice_gives_identical_bytes_and_leaves_no_temp_files(tmp_path):
     for name, data in first.items():
         assert (run_dir / name).read_bytes() == data, name
     expected = ["BEVDepth_bs8_8p_acc.log", "curves.png", "output", "output/metrics_summary.json",
-                "run.json", "summary.json", "train.log"]
+                "run.json", "steps.jsonl", "summary.json"]
     assert listing(run_dir) == expected   # no temporary files left behind
 
 
@@ -226,7 +228,7 @@ def test_every_step_warm_up_means_no_fps_and_exit_1(tmp_path, capsys):
     summary = read_summary(run_dir)
     assert "ActualFPS" not in summary and summary["steps_measured"] == 0
     assert summary["ActualLoss"] == 2.75 and summary["complete"] is False
-    assert "all 8 logged steps in train.log are warm-up" in capsys.readouterr().err
+    assert "all 8 logged steps in steps.jsonl are warm-up" in capsys.readouterr().err
 
 
 def test_loss_window(tmp_path):
@@ -268,7 +270,7 @@ def test_eval_only_run(tmp_path, capsys):
 
 
 def test_no_step_lines_in_a_performance_run_warns_and_exits_1(tmp_path, capsys):
-    run_dir = make_run(tmp_path, log="no_steps.log", run_json={"mode": "performance"})
+    run_dir = make_run(tmp_path, log="empty.jsonl", run_json={"mode": "performance"})
     assert cli(run_dir) == 1
     summary = read_summary(run_dir)
     assert summary["steps_total"] == 0 and "ActualFPS" not in summary
@@ -282,11 +284,11 @@ def test_no_step_lines_in_a_performance_run_warns_and_exits_1(tmp_path, capsys):
 
 
 def test_no_step_lines_in_an_eval_run_is_fine(tmp_path):
-    run_dir = make_run(tmp_path, log="no_steps.log", run_json={"mode": "eval"}, metrics=METRICS)
-    assert cli(run_dir, "--log", run_dir / "train.log") == 0
+    run_dir = make_run(tmp_path, log="empty.jsonl", run_json={"mode": "eval"}, metrics=METRICS)
+    assert cli(run_dir, "--steps", run_dir / "steps.jsonl") == 0
     summary = read_summary(run_dir)
     assert summary["steps_total"] == 0 and summary["mAP"] == 0.33041234567
-    assert summary["sources"]["step_log"] == "train.log"
+    assert summary["sources"]["step_log"] == "steps.jsonl"
 
 
 def test_full_run_without_metrics_exits_1(tmp_path, capsys):
@@ -298,10 +300,10 @@ def test_full_run_without_metrics_exits_1(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("log, metrics, mode", [
-    ("clean.log", None, "performance"),
-    ("clean.log", METRICS, "full"),
+    ("clean.jsonl", None, "performance"),
+    ("clean.jsonl", METRICS, "full"),
     (None, METRICS, "eval"),
-    ("no_steps.log", METRICS, "eval"),
+    ("empty.jsonl", METRICS, "eval"),
 ])
 def test_mode_is_inferred_without_run_json(tmp_path, log, metrics, mode):
     run_dir = make_run(tmp_path, log=log, metrics=metrics)
@@ -311,13 +313,13 @@ def test_mode_is_inferred_without_run_json(tmp_path, log, metrics, mode):
 
 
 def test_log_without_steps_and_no_metrics_is_incomplete(tmp_path):
-    run_dir = make_run(tmp_path, log="no_steps.log")
+    run_dir = make_run(tmp_path, log="empty.jsonl")
     assert cli(run_dir) == 1
     assert read_summary(run_dir)["mode"] is None
 
 
 def test_resumed_run(tmp_path):
-    run_dir = make_run(tmp_path, log="resumed.log")
+    run_dir = make_run(tmp_path, log="resumed.jsonl")
     summary = summarize(str(run_dir), warmup_steps=2, plot=False)
     # Measured: step 3 of the first process (2 s) and steps 6-8 of the resumed one (4 s each).
     assert summary["steps_total"] == 8 and summary["steps_measured"] == 4
@@ -329,18 +331,18 @@ def test_resumed_run(tmp_path):
 
 
 def test_malformed_lines_and_nan_loss_are_reported(tmp_path):
-    run_dir = make_run(tmp_path, log="malformed.log", run_json={"mode": "performance"})
+    run_dir = make_run(tmp_path, log="malformed.jsonl", run_json={"mode": "performance"})
     summary = summarize(str(run_dir), warmup_steps=0, plot=False)
     assert summary["malformed_lines"] == 13
     assert len(summary["malformed_examples"]) == 10
-    assert summary["malformed_examples"][0] == {
-        "line": 3, "reason": "missing key(s): images_per_sample",
-        "excerpt": "BEVDEPTH_STEP step=2 epoch=0 step_time_s=2 data_time_s=0.25 loss=3 lr=0.0002 "
-                   "global_batch=64"}
+    first = summary["malformed_examples"][0]
+    assert (first["line"], first["reason"]) == (2, "missing key(s): images_per_sample")
+    assert first["excerpt"].startswith('{"step": 2, "epoch": 0, "step_time_s": 2.0')
     assert summary["steps_total"] == 3 and summary["ActualFPS"] == 32.0   # 3 x 64 / 6
     # Step 2's loss is nan, so the final-loss window holds a nan: left out, not averaged away.
     assert "ActualLoss" not in summary and summary["nonfinite_loss_steps"] == 1
-    assert any(w.startswith("13 malformed step line(s) in train.log") for w in summary["warnings"])
+    assert any(w.startswith("13 malformed step line(s) in steps.jsonl")
+               for w in summary["warnings"])
     assert any("ActualLoss left out" in w for w in summary["warnings"])
     assert summary["complete"] is True
 
@@ -353,7 +355,7 @@ def test_batch_mismatch_is_a_warning(tmp_path):
 
 
 def test_summary_json_is_strict_sorted_and_what_python_gets(tmp_path):
-    run_dir = make_run(tmp_path, log="malformed.log", metrics=METRICS)
+    run_dir = make_run(tmp_path, log="malformed.jsonl", metrics=METRICS)
     returned = summarize(str(run_dir), plot=False)
     text = (run_dir / "summary.json").read_text()
 
@@ -367,33 +369,21 @@ def test_summary_json_is_strict_sorted_and_what_python_gets(tmp_path):
 
 # ----- finding inputs ---------------------------------------------------------------------------
 
-def test_log_discovery_picks_the_log_with_step_lines(tmp_path):
+def test_the_step_log_is_found_in_the_run_directory_or_below_it(tmp_path):
     run_dir = make_run(tmp_path, log=None)
-    for device, fixture in ((0, "clean.log"), (1, "no_steps.log")):
-        path = run_dir / "output" / str(device) / f"train_{device}.log"
+    for node, fixture in ((0, "clean.jsonl"), (1, "resumed.jsonl")):
+        path = run_dir / "output" / f"node{node}" / "steps.jsonl"
         path.parent.mkdir(parents=True)
         shutil.copyfile(os.path.join(FIXTURES, fixture), path)
-    # Device 1's log is newer but has no step lines (only rank 0 writes them).
-    os.utime(run_dir / "output/0/train_0.log", (1000, 1000))
-    os.utime(run_dir / "output/1/train_1.log", (2000, 2000))
-    assert find_train_log(str(run_dir)) == str(run_dir / "output/0/train_0.log")
+    os.utime(run_dir / "output/node0/steps.jsonl", (2000, 2000))
+    os.utime(run_dir / "output/node1/steps.jsonl", (1000, 1000))
+    assert find_steps(str(run_dir)) == str(run_dir / "output/node0/steps.jsonl")
     summary = summarize(str(run_dir), plot=False)
-    assert summary["sources"]["step_log"] == "output/0/train_0.log"
-    assert summary["steps_total"] == 8
-
-
-def test_log_discovery_prefers_run_dir_then_newest(tmp_path):
-    run_dir = make_run(tmp_path, log="resumed.log", log_name="train_20240101.log")
-    shutil.copyfile(os.path.join(FIXTURES, "clean.log"), run_dir / "train_20240102.log")
-    deeper = run_dir / "output" / "0" / "train_0.log"
-    deeper.parent.mkdir(parents=True)
-    shutil.copyfile(os.path.join(FIXTURES, "clean.log"), deeper)
-    os.utime(run_dir / "train_20240101.log", (1000, 1000))
-    os.utime(run_dir / "train_20240102.log", (2000, 2000))
-    os.utime(deeper, (3000, 3000))
-    assert find_train_log(str(run_dir)) == str(run_dir / "train_20240102.log")
-    os.utime(run_dir / "train_20240101.log", (4000, 4000))
-    assert find_train_log(str(run_dir)) == str(run_dir / "train_20240101.log")
+    assert summary["sources"]["step_log"] == "output/node0/steps.jsonl"
+    # The run directory's own step log comes first, however old.
+    shutil.copyfile(os.path.join(FIXTURES, "resumed.jsonl"), run_dir / "steps.jsonl")
+    os.utime(run_dir / "steps.jsonl", (10, 10))
+    assert find_steps(str(run_dir)) == str(run_dir / "steps.jsonl")
 
 
 def test_newest_metrics_summary_is_used_unless_named(tmp_path):
@@ -420,8 +410,8 @@ def test_missing_run_dir_exits_2_naming_it(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("performance_without_log", "no training log in"),
-    ("missing_log_flag", "(--log) does not exist"),
+    ("performance_without_log", "no step log in"),
+    ("missing_log_flag", "(--steps) does not exist"),
     ("missing_metrics_flag", "(--metrics) does not exist"),
     ("eval_without_metrics", "no metrics_summary.json below"),
     ("empty_dir", "nothing to summarize in"),
@@ -437,7 +427,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case, message):
         run_dir = make_run(tmp_path, log=None, run_json={"mode": "performance"}, metrics=METRICS)
     elif case == "missing_log_flag":
         run_dir = make_run(tmp_path)
-        argv += ["--log", str(run_dir / "nope.log")]
+        argv += ["--steps", str(run_dir / "nope.jsonl")]
     elif case == "missing_metrics_flag":
         run_dir = make_run(tmp_path)
         argv += ["--metrics", str(run_dir / "nope.json")]
@@ -474,10 +464,11 @@ def test_bad_input_raises_from_python(tmp_path):
 
 def test_never_overwrites_the_training_log(tmp_path, capsys):
     run_dir = make_run(tmp_path)
-    before = (run_dir / "train.log").read_bytes()
-    assert cli(run_dir, "--no-plot", "--case-name", "train") == 2
-    assert "would overwrite the training log" in capsys.readouterr().err
-    assert (run_dir / "train.log").read_bytes() == before
+    (run_dir / "train_0.log").write_text("Epoch 0: 100%|##########| 4/4\n")
+    before = (run_dir / "train_0.log").read_bytes()
+    assert cli(run_dir, "--no-plot", "--case-name", "train_0") == 2
+    assert "not an earlier summary" in capsys.readouterr().err
+    assert (run_dir / "train_0.log").read_bytes() == before
 
 
 def test_never_replaces_a_file_that_is_not_a_summary(tmp_path, capsys):
@@ -508,6 +499,19 @@ def test_curves_png_is_written(tmp_path):
     assert "curves.png" in summary["files"]
     with open(run_dir / "curves.png", "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_loss_is_plotted_on_a_log_scale_when_it_is_positive():
+    pytest.importorskip("matplotlib")
+    from bevdepth_npu.steplog import read_steps
+    from bevdepth_npu.summarize.plot import curves_figure
+    log = read_steps(os.path.join(FIXTURES, "clean.jsonl"))
+    loss_axes, lr_axes, _ = curves_figure(log, 5, "t").axes
+    assert loss_axes.get_yscale() == "log" and lr_axes.get_yscale() == "linear"
+    # A loss that is zero or negative somewhere keeps the linear scale.
+    negative = read_steps(os.path.join(FIXTURES, "malformed.jsonl"))
+    negative.records[0] = dataclasses.replace(negative.records[0], loss=-1.0)
+    assert curves_figure(negative, 0, "t").axes[0].get_yscale() == "linear"
 
 
 def test_missing_matplotlib_skips_only_the_png(tmp_path, monkeypatch, capsys):

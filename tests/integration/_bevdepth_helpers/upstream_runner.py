@@ -11,85 +11,22 @@ tests/integration/test_parity.py. Tasks:
 
 Upstream needs CUDA; to run it here, and only here, this script (1) maps ``.cuda()`` and
 ``device='cuda'`` to the CPU and (2) replaces the two compiled voxel-pooling extensions with an
-index_put_ reference (tests/integration/_bevdepth_helpers.pool_reference). Nothing else of
-upstream is changed.
+index_put_ reference (bevdepth_npu/testing.py: install_cpu_shims, pool_reference). Nothing else
+of upstream is changed.
 """
 from __future__ import annotations
 
 import copy
-import importlib.machinery
-import importlib.util
 import sys
 import types
 from pathlib import Path
 
 import torch
 
-HELPERS = Path(__file__).resolve().parent
-
-
-def load_helpers():
-    spec = importlib.util.spec_from_file_location("_bevdepth_helpers", HELPERS / "__init__.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def install_cpu_shims(helpers) -> None:
-    """Let CUDA-only upstream code run on a CPU-only torch."""
-
-    def to_cpu(device):
-        return "cpu" if device is not None and "cuda" in str(device) else device
-
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    new_zeros = torch.Tensor.new_zeros
-
-    def new_zeros_cpu(self, *args, **kwargs):
-        if "device" in kwargs:
-            kwargs["device"] = to_cpu(kwargs["device"])
-        return new_zeros(self, *args, **kwargs)
-
-    torch.Tensor.new_zeros = new_zeros_cpu
-    tensor = torch.tensor
-
-    def tensor_cpu(*args, **kwargs):
-        if "device" in kwargs:
-            kwargs["device"] = to_cpu(kwargs["device"])
-        return tensor(*args, **kwargs)
-
-    torch.tensor = tensor_cpu
-
-    def voxel_pooling_train(geom_xyz, features, voxel_num):
-        batch = features.shape[0]
-        return helpers.pool_reference(geom_xyz.reshape(batch, -1, 3),
-                                      features.reshape(batch, -1, features.shape[-1]),
-                                      [int(v) for v in voxel_num])
-
-    def voxel_pooling_inference(geom_xyz, depth, context, voxel_num):
-        product = depth.unsqueeze(1) * context.unsqueeze(2)  # (B*cams, C, D, H, W)
-        batch, cams = geom_xyz.shape[:2]
-        product = product.reshape(batch, cams, *product.shape[1:]).permute(0, 1, 3, 4, 5, 2)
-        return voxel_pooling_train(geom_xyz, product, voxel_num)
-
-    for name, func in (("voxel_pooling_train", voxel_pooling_train),
-                       ("voxel_pooling_inference", voxel_pooling_inference)):
-        module = types.ModuleType(f"bevdepth.ops.{name}")
-        setattr(module, name, func)
-        sys.modules[module.__name__] = module
-
-
-def import_pristine(source: Path) -> None:
-    """Make ``bevdepth`` the pristine checkout's package, whatever else is on sys.path (the
-    patched tree may be installed in this environment)."""
-    package_dir = source / "bevdepth"
-    spec = importlib.machinery.ModuleSpec("bevdepth", None, is_package=True)
-    package = importlib.util.module_from_spec(spec)
-    package.__path__ = [str(package_dir)]
-    sys.modules["bevdepth"] = package
-    ops = importlib.machinery.ModuleSpec("bevdepth.ops", None, is_package=True)
-    ops_module = importlib.util.module_from_spec(ops)
-    ops_module.__path__ = [str(package_dir / "ops")]
-    sys.modules["bevdepth.ops"] = ops_module
+# Run as a script: the repository root holds bevdepth_npu (the patched environment may have
+# another checkout's copy installed).
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from bevdepth_npu.testing import flatten_preds, import_pristine, install_cpu_shims  # noqa: E402
 
 
 def task_geometry(inputs, outputs) -> None:
@@ -132,7 +69,7 @@ def task_model(inputs, outputs) -> None:
     batch = copy.deepcopy(spec["batch"])
     with torch.no_grad():
         preds = module.model(batch[0], batch[1])
-    outputs["eval_preds"] = load_helpers().flatten_preds(preds)
+    outputs["eval_preds"] = flatten_preds(preds)
     logged = {}
     module.log = lambda name, value, *args, **kwargs: logged.__setitem__(name, value.detach())
     module.train()
@@ -148,9 +85,8 @@ def task_model(inputs, outputs) -> None:
 
 def main(argv) -> int:
     source, inputs_path, outputs_path, *tasks = argv
-    helpers = load_helpers()
     import_pristine(Path(source))
-    install_cpu_shims(helpers)
+    install_cpu_shims()
     import bevdepth.layers.backbones.base_lss_fpn as lss
     assert str(Path(lss.__file__).resolve()).startswith(str(Path(source).resolve())), lss.__file__
     inputs = torch.load(inputs_path)

@@ -106,11 +106,14 @@ def free_port() -> int:
 def script_env(output_root: Path, data: Path, **settings: object) -> Dict[str, str]:
     """Environment of a small CPU run of one of the test/*.sh scripts."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("BEVDEPTH_BIND_CORES", "BEVDEPTH_ALLOWED_CORES", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "RANK",
+           if k not in ("BEVDEPTH_BIND_CORES", "BEVDEPTH_ALLOWED_CORES", "MASTER_ADDR",
+                        "MASTER_PORT", "NODE_RANK", "RANK", "DOCTOR", "WEIGHTS",
                         "LOCAL_RANK", "WORLD_SIZE", "BIND_CORES", "CKPT", "RESUME")}
     env.update(PYTHON=sys.executable, BEVDEPTH_ROOT=str(checkout_root()),
                OUTPUT_ROOT=str(output_root), DATA_ROOT=str(data), EXP=str(TINY_EXP),
-               DEVICE="cpu", BATCH_SIZE="1", WARMUP_STEPS="1")
+               DEVICE="cpu", BATCH_SIZE="1", WARMUP_STEPS="1",
+               # the self-test runs where a test asks for it (test_scripts_e2e's full_1p)
+               DOCTOR="0")
     env.update({key: str(value) for key, value in settings.items()})
     if "OMP_NUM_THREADS" not in settings:
         # One process per core share: more threads than cores make every process wait.
