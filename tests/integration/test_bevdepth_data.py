@@ -297,8 +297,11 @@ def test_gen_depth_gt_counts_failures_and_exits_nonzero(data_root: Path) -> None
         proc, counts = gen_depth_gt(data_root, "--workers", workers)
         assert proc.returncode == 1, proc.stderr
         assert counts == ((6, 0, 12) if workers == "1" else (0, 6, 12))
-        assert "missing-sample: FileNotFoundError" in proc.stderr
-        assert "truncated-sample: ValueError" in proc.stderr
+        # the dataset's own readers name the file and what is wrong with it
+        assert "missing-sample: DataFileError" in proc.stderr
+        assert "missing.pcd.bin: FileNotFoundError" in proc.stderr
+        assert "truncated-sample: DataFileError" in proc.stderr
+        assert "truncated.pcd.bin: 18 bytes is not a whole number of rows of 5" in proc.stderr
         assert len(depth_gt_files(data_root)) == 6
 
 
