@@ -10,12 +10,16 @@ from the bevdepth-npu env, computes the same here. Checked:
   - from those weights (random init with a fixed seed, no pretrained download), one fp32
     inference forward gives the same head outputs and one fp32 training step (batch 1, two key
     frames, 128x352 images) the same detection and depth losses and gradients (1e-4 relative).
+Both sides run on one CPU thread: with two, upstream's own float32 gradients differ by 4e-5 to
+1.2e-4 (norm) between two identical runs (measured), as large as the tolerance; on one thread
+two upstream runs, and the port against upstream, measured exactly equal.
 Run:
     PYTHONPATH=. python -m pytest tests/integration/test_parity.py -q
 """
 from __future__ import annotations
 
 import copy
+import os
 import types
 from pathlib import Path
 from typing import Dict
@@ -61,6 +65,20 @@ def target_inputs():
         boxes.append(b)
         labels.append(lab)
     return boxes, labels
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One CPU thread here and in the upstream subprocess: a fixed order of every sum."""
+    threads, variable = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(threads)
+    if variable is None:
+        os.environ.pop("OMP_NUM_THREADS")
+    else:
+        os.environ["OMP_NUM_THREADS"] = variable
 
 
 @pytest.fixture(scope="module")
