@@ -330,7 +330,7 @@ def _check_fused_call(op: str, depth, feat, ranks_depth, ranks_feat, ranks_bev, 
     if channels > FUSED_LIMITS["channels"]:
         problems.append(f"C={channels} > {FUSED_LIMITS['channels']}")
     if out_elements > FUSED_LIMITS["elements"]:
-        problems.append(f"B*D*H*W*C={out_elements} > 2^31")
+        problems.append(f"B*D*H*W*C={out_elements} > {FUSED_LIMITS['elements']}")
     if problems:
         raise LimitViolation(f"{op}: " + "; ".join(problems))
     with torch._C.DisableTorchFunctionSubclass():

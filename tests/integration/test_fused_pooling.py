@@ -2,7 +2,8 @@
 
 Checked:
   - the product path's numba kernels equal the sparse-matrix pooling they replace bit for bit
-    (fp32 and float64), whatever the thread count; the gather is exact;
+    (fp32 and float64), whatever the thread count and however many point ranges share cells;
+    the gather is exact;
   - voxel_pooling_fused on CPU (numba) equals pooling the whole product bit for bit, its depth
     and context gradients within 1e-5 relative (measured about 1e-7); the torch implementation
     that serves CUDA (run here on CPU tensors) in small depth chunks likewise; gradcheck of both
@@ -109,11 +110,29 @@ def test_cpu_kernels_equal_the_sparse_matmul_bit_for_bit(threads, dtype, num_thr
     assert torch.equal(features.grad, helpers.gather_reference(geom, grad_out, grid))
 
 
+@pytest.mark.parametrize("ranges", [3, 7])
+def test_more_point_ranges_than_threads_keep_the_order(monkeypatch, ranges) -> None:
+    """Every range after the first re-adds the points of cells an earlier range touched: with
+    random cells nearly all of them, so the merge is exercised everywhere."""
+    monkeypatch.setattr(cpu_kernels, "_ranges", lambda: ranges)
+    gen = torch.Generator().manual_seed(11)
+    grid = (12, 10, 1)
+    geom = torch.stack([torch.randint(-2, 14, (2, 5_000), generator=gen),
+                        torch.randint(-2, 12, (2, 5_000), generator=gen),
+                        torch.randint(-1, 2, (2, 5_000), generator=gen)], -1).int()
+    features = torch.randn(2, 5_000, 24, generator=gen)
+    out = vp.voxel_pooling(geom, features, grid, backend=device.CPU)
+    assert torch.equal(out, sparse_matmul_pooling(geom, features, grid))
+    geom, depth, context = lss_case(1, 3, 7, 4, 5, 24, seed=12, grid=grid)
+    fused = vp.voxel_pooling_fused(geom, depth, context, grid)
+    assert torch.equal(fused, product_path(geom, depth, context, grid))
+
+
 def test_cell_rows_number_cells_per_sample_and_drop_outside_points() -> None:
     geom = torch.tensor([[[0, 0, 0], [3, 1, 0], [4, 0, 0], [0, 2, 0], [0, 0, 1], [-1, 0, 0]],
                          [[3, 1, 0], [0, 0, 0], [1, 1, -1], [2, 1, 0], [0, 0, 0], [0, 0, 0]]],
                         dtype=torch.int32)
-    rows = cpu_kernels.cell_rows(geom, (4, 2, 1))
+    rows = cpu_kernels.cell_rows(geom, (4, 2, 1)).rows
     assert rows.dtype == torch.int32
     assert rows.tolist() == [0, 7, -1, -1, -1, -1, 15, 8, -1, 14, 8, 8]
 
