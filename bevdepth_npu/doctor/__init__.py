@@ -3,8 +3,8 @@
 Run it on the machine you will train on, in the environment ``bevdepth-npu env`` built (it
 re-runs itself there when the current Python has no torch):
 
-    bevdepth-npu doctor [--device auto|npu|cuda|cpu] [--quick] [--data-root DIR [--full]]
-                        [--json FILE] [--verbose]
+    bevdepth-npu doctor [--device auto|npu|cuda|cpu] [--quick] [--pooling product|fused]
+                        [--data-root DIR [--full]] [--json FILE] [--verbose]
 
 One line per check (PASS, FAIL or SKIP, the cause, and on a FAIL what to do):
   stack      Python, torch, torchvision, numpy, mmcv (and whether its compiled ops load),
@@ -14,8 +14,10 @@ One line per check (PASS, FAIL or SKIP, the cause, and on a FAIL what to do):
   device     start-up as training does it, count, names, memory, runtime settings in force
   compute    on the device against float64 on the host: voxel pooling forward and backward in
              fp32, fp16 and bf16 at a size that needs chunking on the NPU, get_geometry under
-             autocast, the optimizer's steps against torch AdamW, fp16 loss scaling; then one
-             forward and backward of the smoke model with its time (not with --quick)
+             autocast, the optimizer's steps against torch AdamW, fp16 loss scaling; with
+             --pooling fused also fused pooling (mx_driving.bev_pool_v3 on npu) forward and both
+             gradients against the float64 depth x context product; then one forward and
+             backward of the smoke model with its time (not with --quick)
   dist       an all_reduce across two processes over the device's DDP backend (not --quick)
   data       with --data-root: info files, one sample, depth_gt coverage; --full: every file
              the info files name exists and decodes (bad ones listed)
@@ -42,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="stack, patches, device and the op checks only (what the training "
                         "scripts run before training; a few seconds)")
+    p.add_argument("--pooling", choices=("product", "fused"), default="product",
+                   help="the experiments' --pooling you will train with; fused adds the check "
+                        "of fused pooling on the device (default: %(default)s)")
     p.add_argument("--data-root", type=Path, metavar="DIR",
                    help="also check the dataset under DIR (info files, one sample, depth_gt)")
     p.add_argument("--full", action="store_true",
@@ -124,6 +129,8 @@ def checks(report: Report, args: argparse.Namespace) -> str:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         name = f"compute.pooling.{str(dtype).split('.')[-1]}"
         report.run(name, lambda d=dtype: compute.check_pooling(target, d))
+    if args.pooling == "fused":
+        report.run("compute.pooling.fused", lambda: compute.check_fused_pooling(target))
     report.run("compute.geometry", lambda: compute.check_geometry(target))
     report.run("compute.optimizer", lambda: compute.check_optimizer(target))
     report.run("compute.grad_scaler", lambda: compute.check_grad_scaler(target))

@@ -23,6 +23,12 @@ from bevdepth_npu.doctor.report import Fail, Skip
 POOLING_TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 # More points than one NPU kernel call may take (N <= 100,000): the chunked path runs.
 POOLING_SHAPE = dict(batch=2, points=120_000, channels=80, grid=(128, 128, 1))
+# Fused pooling: the R50 recipe's 6 cameras, 80 channels and BEV grid at a quarter of its depth
+# bins and image size (a float64 reference of the whole product stays small); relative error
+# allowed for the forward and both gradients against float64 (float32 sums).
+FUSED_SHAPE = dict(batch=2, cams=6, bins=28, height=8, width=22, channels=80,
+                   grid=(128, 128, 1))
+FUSED_TOLERANCE = 1e-5
 
 
 @dataclasses.dataclass
@@ -93,6 +99,62 @@ def check_pooling(target: Target, dtype: torch.dtype) -> str:
     b, n, c = features.shape
     return (f"B={b} N={n:,} C={c}: forward error {forward_error:.1e}, backward exact, "
             f"{seconds * 1e3:.0f} ms")
+
+
+def fused_inputs(seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cells over the grid and a margin outside it (dropped), softmaxed depth, context."""
+    shape = FUSED_SHAPE
+    gen = torch.Generator().manual_seed(seed)
+    grid_x, grid_y, _ = shape["grid"]
+    points = (shape["batch"], shape["cams"], shape["bins"], shape["height"], shape["width"])
+    geom = torch.stack([torch.randint(-4, grid_x + 4, points, generator=gen),
+                        torch.randint(-4, grid_y + 4, points, generator=gen),
+                        torch.randint(-1, 2, points, generator=gen)], dim=-1).to(torch.int32)
+    images = shape["batch"] * shape["cams"]
+    depth = torch.randn(images, shape["bins"], shape["height"], shape["width"],
+                        generator=gen).softmax(1)
+    context = torch.randn(images, shape["channels"], shape["height"], shape["width"],
+                          generator=gen)
+    return geom, depth, context
+
+
+def check_fused_pooling(target: Target) -> str:
+    """``--pooling fused`` on the device (mx_driving.bev_pool_v3 on npu): forward and the
+    gradients of depth and context against the float64 product path on the host."""
+    from bevdepth.ops.voxel_pooling import voxel_pooling_fused
+    grid = FUSED_SHAPE["grid"]
+    geom, depth, context = fused_inputs()
+    host_depth = depth.double().requires_grad_(True)
+    host_context = context.double().requires_grad_(True)
+    product = host_depth.unsqueeze(1) * host_context.unsqueeze(2)  # (B*cams, C, D, H, W)
+    product = product.view(geom.shape[0], -1, *product.shape[1:]).permute(0, 1, 3, 4, 5, 2)
+    expected = _pool_reference(geom.reshape(geom.shape[0], -1, 3),
+                               product.reshape(geom.shape[0], -1, product.shape[-1]), grid)
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
+    want = torch.autograd.grad(expected, (host_depth, host_context), grad_out.double())
+    device_depth = target.to(depth).requires_grad_(True)
+    device_context = target.to(context).requires_grad_(True)
+    t0 = time.monotonic()
+    pooled = voxel_pooling_fused(target.to(geom), device_depth, device_context, grid,
+                                 backend=target.kind)
+    pooled.backward(target.to(grad_out))
+    target.synchronize()
+    seconds = time.monotonic() - t0
+    errors = dict(forward=relative_error(pooled.detach().cpu(), expected.detach()),
+                  depth_grad=relative_error(device_depth.grad.cpu(), want[0]),
+                  context_grad=relative_error(device_context.grad.cpu(), want[1]))
+    bad = {k: v for k, v in errors.items() if not math.isfinite(v) or v > FUSED_TOLERANCE}
+    if bad:
+        raise Fail(", ".join(f"{k} differs from the float64 product by {v:.2e}"
+                             for k, v in bad.items()) + f" (allowed {FUSED_TOLERANCE:.0e})",
+                   "report it with this output; train with --pooling product meanwhile")
+    from bevdepth.utils import device
+    where = f" ({device.npu_fused_pooling_op()[1]})" if target.kind == device.NPU else ""
+    shape = FUSED_SHAPE
+    return (f"B={shape['batch']} cams={shape['cams']} D={shape['bins']} "
+            f"{shape['height']}x{shape['width']} C={shape['channels']}{where}: forward "
+            f"{errors['forward']:.1e}, depth grad {errors['depth_grad']:.1e}, context grad "
+            f"{errors['context_grad']:.1e}, {seconds * 1e3:.0f} ms")
 
 
 def smoke_backbone():

@@ -1,9 +1,12 @@
-"""A CPU double of DrivingSDK's compiled voxel-pooling op, run under DrivingSDK's own Python wrapper.
+"""A CPU double of DrivingSDK's compiled pooling ops, run under DrivingSDK's own Python wrappers.
 
 The NPU contract tests cannot run the NPU, so they run the next best thing: the real
-``mx_driving/ops/voxel_pooling_train.py`` (AdsVoxelPoolingFunction) from the pinned DrivingSDK
-checkout in the cache (``bevdepth-npu fetch drivingsdk``), over this double of ``mx_driving._C``.
-What the double does follows these files of that commit, line for line where it matters:
+``mx_driving/ops/voxel_pooling_train.py`` (AdsVoxelPoolingFunction) and
+``mx_driving/ops/bev_pool_v3.py`` (BEVPoolV3) from the pinned DrivingSDK checkout in the cache
+(``bevdepth-npu fetch drivingsdk``), over this double of ``mx_driving._C``. What the double does
+follows these files of that commit, line for line where it matters.
+
+Voxel pooling (``npu_voxel_pooling_train``, the product path):
 
 - ``mx_driving/csrc/VoxelPoolingTrain.cpp`` (host code): both inputs must be NPU tensors
   (``TORCH_CHECK_NPU``) of 3 dims (backward: 4 and 3); fp16 features are converted to fp32 around
@@ -26,15 +29,39 @@ It also enforces the documented limits of ``docs/api/context/npu_voxel_pooling_t
 which nothing in DrivingSDK checks and which the port promises to respect: a call over them raises
 ``LimitViolation``.
 
+Fused pooling (``bev_pool_v3``, depth x feature without their product; the with-depth branch,
+the only one the port calls):
+
+- ``mx_driving/csrc/BEVPoolV3.cpp`` and ``BEVPoolV3Backward.cpp`` (host code): feat and ranks_bev
+  must be NPU tensors; C = feat.size(4) must be a multiple of 8 ("The channel of feature must be
+  multiple of 8."); the output is ``zeros({b, d, h, w, c}, feat.options())`` (feat's dtype), the
+  gradients ``zeros_like`` depth and feat; no dtype conversion, no size check.
+- ``kernels/op_host/bev_pool_v3.cpp`` (OpDefs BEVPoolV3 and BEVPoolV3Grad, and the tiling):
+  depth, feat, out, grad_out and both gradients float32 only, the three ranks int32 only; the
+  tiling takes min(1024, number of ranks) ranks per task and fails on zero ranks.
+- ``kernels/op_kernel/bev_pool_v3.cpp`` / ``bev_pool_v3_grad.cpp``: rank i adds
+  depth.flat[ranks_depth[i]] * feat.rows[ranks_feat[i]] to out.rows[ranks_bev[i]] (rows of C, an
+  fp32 atomic add), and backward adds grad_out.rows[ranks_bev[i]] * depth to grad_feat's row and
+  <grad_out row, feat row> to grad_depth. Row offsets are rank * C computed in int32 (``Muls`` on
+  the int32 rank buffers), so a rank * C beyond int32 or beyond its tensor reads or writes out of
+  bounds: the double refuses such calls.
+
+and enforces the limits DrivingSDK documents for it (``docs/api/context/bev_pool_v3.md``: C a
+multiple of 8, B*D*H*W*C <= 2^31, forward and backward; C <= 360 from the docs of later
+releases, whose rewritten backward needs it) with ``LimitViolation``.
+
 NPU placement is emulated by a device tag: ``to_npu(t)`` returns an ``NpuTensor``, torch
 operations on NpuTensors return NpuTensors, ``.cpu()`` returns a plain tensor, and mixing an
 NpuTensor with a plain tensor of more than one element raises as torch does for two devices.
 Gradients are made by autograd's C++ engine, which drops the tag; the backward's placement check
 therefore covers pos_memo (saved by the forward) and not grad_out.
 
-    mx = install(monkeypatch)            # layout "v7": mx_driving.npu_voxel_pooling_train
+    mx = install(monkeypatch)            # layout "v7": mx_driving.npu_voxel_pooling_train and
+                                         # mx_driving.bev_pool_v3 (and both in mx_driving.point)
     mx = install(monkeypatch, "v6")      # branch_v6.0.0: only mx_driving.point.npu_voxel_pooling_train
-    mx.calls                             # [("forward" | "backward", B, N, C), ...]
+    mx.calls                             # [("forward" | "backward", B, N, C), ...,
+                                         #  ("bev_pool_v3" | "bev_pool_v3_backward", B, D, H, W, C,
+                                         #   number of ranks), ...]
 """
 from __future__ import annotations
 
@@ -50,8 +77,13 @@ import torch
 from tests.conftest import require_source
 
 WRAPPER = "mx_driving/ops/voxel_pooling_train.py"
+FUSED_WRAPPER = "mx_driving/ops/bev_pool_v3.py"
 DOCUMENTED_LIMITS = dict(batch=128, points=100_000, channels=256, grid_xy=1000, grid_z=10,
                          elements=100_000_000)
+FUSED_LIMITS = dict(channel_multiple=8, channels=360, elements=2 ** 31)
+# Ranks per task of the with-depth tiling (kernels/op_host/bev_pool_v3.cpp, RANK_NUM_PER_TASK)
+FUSED_RANKS_PER_TASK = 1024
+INT32_MAX = 2 ** 31 - 1
 
 
 class LimitViolation(AssertionError):
@@ -115,7 +147,11 @@ def _check_opdef(op: str, **tensors) -> None:
     """The OpDef's DataType lists; aclnn refuses any other dtype before the kernel runs."""
     allowed = {"geom": torch.int32, "pos_memo": torch.int32, "input_features": torch.float32,
                "output_features": torch.float32, "grad_out": torch.float32,
-               "grad_features": torch.float32}
+               "grad_features": torch.float32,
+               # BEVPoolV3 / BEVPoolV3Grad
+               "depth": torch.float32, "feat": torch.float32, "out": torch.float32,
+               "grad_depth": torch.float32, "grad_feat": torch.float32,
+               "ranks_depth": torch.int32, "ranks_feat": torch.int32, "ranks_bev": torch.int32}
     for name, tensor in tensors.items():
         if tensor.dtype != allowed[name]:
             raise RuntimeError(
@@ -218,12 +254,106 @@ class CompiledOps(types.ModuleType):
         return out.as_subclass(NpuTensor)
 
 
-def load_wrapper(compiled: CompiledOps) -> types.ModuleType:
-    """DrivingSDK's own wrapper module, executed against ``compiled`` as ``mx_driving._C``."""
-    source = require_source("drivingsdk") / WRAPPER
+    # ---------------------------------------------------------------- bev_pool_v3
+
+    def npu_bev_pool_v3(self, depth, feat, ranks_depth, ranks_feat, ranks_bev, b, d, h, w):
+        _check_npu(feat, "feat")
+        _check_npu(ranks_bev, "ranks_bev")
+        _require_depth(depth)
+        if feat.dim() <= 4:
+            raise RuntimeError(f"Dimension out of range (expected to be in range of "
+                               f"[{-feat.dim()}, {feat.dim() - 1}], but got 4)")
+        channels = feat.size(4)
+        if channels % FUSED_LIMITS["channel_multiple"]:
+            raise RuntimeError("The channel of feature must be multiple of 8.")
+        # at::zeros({b, d, h, w, c}, feat.options()): allocated after the checks here, so that
+        # a call over the limits fails without allocating it
+        out = torch.empty(0, dtype=feat.dtype)
+        _check_opdef("aclnnBEVPoolV3", depth=depth, feat=feat, ranks_depth=ranks_depth,
+                     ranks_feat=ranks_feat, ranks_bev=ranks_bev, out=out)
+        ranks = _check_fused_call("bev_pool_v3 forward", depth, feat, ranks_depth, ranks_feat,
+                                  ranks_bev, channels, b * d * h * w * channels)
+        out = torch.zeros(b, d, h, w, channels, dtype=feat.dtype)
+        self.calls.append(("bev_pool_v3", b, d, h, w, channels, ranks))
+        with torch._C.DisableTorchFunctionSubclass():
+            rows = _plain(feat).reshape(-1, channels)[_plain(ranks_feat).long()]
+            weights = _plain(depth).reshape(-1)[_plain(ranks_depth).long()]
+            # fp32 atomic adds on the device; here fp32 adds in rank order
+            out.view(-1, channels).index_add_(0, _plain(ranks_bev).long(),
+                                              weights.unsqueeze(1) * rows)
+        return out.as_subclass(NpuTensor)
+
+    def npu_bev_pool_v3_backward(self, grad_out, depth, feat, ranks_depth, ranks_feat,
+                                 ranks_bev):
+        _check_npu(feat, "feat")
+        _check_npu(ranks_bev, "ranks_bev")
+        _require_depth(depth)
+        grad_depth = torch.zeros(depth.shape, dtype=depth.dtype)
+        grad_feat = torch.zeros(feat.shape, dtype=feat.dtype)
+        _check_opdef("aclnnBEVPoolV3Grad", grad_out=grad_out, depth=depth, feat=feat,
+                     ranks_depth=ranks_depth, ranks_feat=ranks_feat, ranks_bev=ranks_bev,
+                     grad_depth=grad_depth, grad_feat=grad_feat)
+        channels = feat.size(4)  # the tiling reads C from feat's shape
+        if channels % FUSED_LIMITS["channel_multiple"]:  # documented, not checked by the host
+            raise LimitViolation(f"bev_pool_v3 backward: C={channels} is not a multiple of 8")
+        ranks = _check_fused_call("bev_pool_v3 backward", depth, feat, ranks_depth, ranks_feat,
+                                  ranks_bev, channels, grad_out.numel())
+        self.calls.append(("bev_pool_v3_backward", *grad_out.shape[:4], channels, ranks))
+        with torch._C.DisableTorchFunctionSubclass():
+            rank_depth = _plain(ranks_depth).long()
+            rank_feat = _plain(ranks_feat).long()
+            cells = _plain(grad_out).reshape(-1, channels)[_plain(ranks_bev).long()]
+            weights = _plain(depth).reshape(-1)[rank_depth]
+            rows = _plain(feat).reshape(-1, channels)[rank_feat]
+            grad_feat.view(-1, channels).index_add_(0, rank_feat, cells * weights.unsqueeze(1))
+            grad_depth.view(-1).index_add_(0, rank_depth, (cells * rows).sum(1))
+        return grad_depth.as_subclass(NpuTensor), grad_feat.as_subclass(NpuTensor)
+
+
+def _require_depth(depth) -> None:
+    if depth is None:
+        raise NotImplementedError("the double emulates bev_pool_v3 with depth only (the branch "
+                                  "the port calls)")
+
+
+def _check_fused_call(op: str, depth, feat, ranks_depth, ranks_feat, ranks_bev, channels: int,
+                      out_elements: int) -> int:
+    """The tiling's refusal of zero ranks, the documented limits, and the kernel's int32 row
+    offsets and bounds; returns the number of ranks."""
+    count = ranks_bev.shape[0] if ranks_bev.dim() == 1 else -1
+    if count < 0 or any(r.dim() != 1 or r.shape[0] != count for r in (ranks_depth, ranks_feat)):
+        raise RuntimeError(f"{op}: ranks must be three 1-D tensors of one length, got "
+                           f"{[tuple(r.shape) for r in (ranks_depth, ranks_feat, ranks_bev)]}")
+    if min(FUSED_RANKS_PER_TASK, count) == 0:
+        raise RuntimeError(f"{op}: tiling failed (0 ranks: avgRankNum 0, GRAPH_FAILED)")
+    problems = []
+    if channels > FUSED_LIMITS["channels"]:
+        problems.append(f"C={channels} > {FUSED_LIMITS['channels']}")
+    if out_elements > FUSED_LIMITS["elements"]:
+        problems.append(f"B*D*H*W*C={out_elements} > {FUSED_LIMITS['elements']}")
+    if problems:
+        raise LimitViolation(f"{op}: " + "; ".join(problems))
+    with torch._C.DisableTorchFunctionSubclass():
+        bounds = (("ranks_depth", ranks_depth, depth.numel(), 1),
+                  ("ranks_feat", ranks_feat, feat.numel() // channels, channels),
+                  ("ranks_bev", ranks_bev, out_elements // channels, channels))
+        for name, ranks, size, scale in bounds:
+            low, high = int(_plain(ranks).min()), int(_plain(ranks).max())
+            if low < 0 or high >= size or high * scale > INT32_MAX:
+                raise RuntimeError(f"{op}: {name} spans [{low}, {high}] for {size} rows of "
+                                   f"{scale} (int32 offsets): the kernel would read or write "
+                                   f"out of bounds")
+    return count
+
+
+def load_wrapper(compiled: CompiledOps, path: str = WRAPPER) -> types.ModuleType:
+    """DrivingSDK's own wrapper module ``path``, executed against ``compiled`` as
+    ``mx_driving._C``."""
+    source = require_source("drivingsdk") / path
     if not source.is_file():
         pytest.fail(f"{source} is missing from the pinned DrivingSDK checkout")
-    spec = importlib.util.spec_from_file_location("mx_driving.ops.voxel_pooling_train", source)
+    name = "mx_driving." + path[len("mx_driving/"):-len(".py")].replace("/", ".")
+    spec = importlib.util.spec_from_file_location(name, source)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -232,9 +362,10 @@ def load_wrapper(compiled: CompiledOps) -> types.ModuleType:
 def install(monkeypatch, layout: str = "v7") -> types.ModuleType:
     """Put an ``mx_driving`` package into ``sys.modules`` (undone by ``monkeypatch``).
 
-    layout "v7": the op at ``mx_driving.npu_voxel_pooling_train`` and the deprecated alias
-    ``mx_driving.point`` (branch_v7.0.RC1); "v6": only ``mx_driving.point`` (branch_v6.0.0);
-    "none": a DrivingSDK with neither. The package's ``calls`` lists every kernel call.
+    layout "v7": the ops at ``mx_driving.npu_voxel_pooling_train`` and ``mx_driving.bev_pool_v3``
+    and in the deprecated alias ``mx_driving.point`` (branch_v7.0.RC1); "v6": only
+    ``mx_driving.point.npu_voxel_pooling_train`` (branch_v6.0.0 has no bev_pool_v3); "none": a
+    DrivingSDK with neither. The package's ``calls`` lists every kernel call.
     """
     compiled = CompiledOps()
     package = types.ModuleType("mx_driving")
@@ -249,12 +380,17 @@ def install(monkeypatch, layout: str = "v7") -> types.ModuleType:
         monkeypatch.setitem(sys.modules, name, module)
     wrapper = load_wrapper(compiled)
     monkeypatch.setitem(sys.modules, "mx_driving.ops.voxel_pooling_train", wrapper)
+    fused = load_wrapper(compiled, FUSED_WRAPPER)
+    monkeypatch.setitem(sys.modules, "mx_driving.ops.bev_pool_v3", fused)
     op: Callable = wrapper.npu_voxel_pooling_train
     if layout == "v7":
         package.npu_voxel_pooling_train = op
+        package.bev_pool_v3 = fused.bev_pool_v3
     if layout in ("v7", "v6"):
         point = types.ModuleType("mx_driving.point")
         point.npu_voxel_pooling_train = op
+        if layout == "v7":
+            point.bev_pool_v3 = fused.bev_pool_v3
         package.point = point
         monkeypatch.setitem(sys.modules, "mx_driving.point", point)
     elif layout != "none":

@@ -10,7 +10,10 @@ Checked:
     camera image (named by --full);
   - the NPU checks over the DrivingSDK wrapper and its CPU double: where the op lives (v7, v6,
     none), pooling in fp32 / fp16 / bf16 passes, and a dispatch that hands bf16 to the op (what
-    the port did before) is a FAIL with aclnn's cause; the CANN version from its install record.
+    the port did before) is a FAIL with aclnn's cause; the CANN version from its install record;
+  - --pooling fused: the fused-pooling check passes on CPU and over the bev_pool_v3 wrapper and
+    its double (naming where the op lives), and fails when the dispatch hands fp16 or a channel
+    count that is not a multiple of 8 to the op.
 Run:
     PYTHONPATH=. python -m pytest tests/integration/test_doctor.py -q
 """
@@ -97,6 +100,15 @@ def test_quick_mode_skips_the_model_step_and_the_collective(tmp_path) -> None:
     found = lines(proc)
     assert "compute.pooling.bfloat16" in found and "compute.smoke_step" not in found
     assert "dist.collective" not in found
+
+
+def test_pooling_fused_adds_the_fused_check(tmp_path) -> None:
+    proc = doctor("--quick", "--pooling", "fused", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = lines(proc)
+    assert found.get("compute.pooling.fused", "").startswith("PASS"), proc.stdout
+    assert "context grad" in found["compute.pooling.fused"]
+    assert "compute.pooling.fused" not in lines(doctor("--quick", cwd=tmp_path))
 
 
 def _fails_with(proc: subprocess.CompletedProcess, name: str, *words: str) -> str:
@@ -214,3 +226,37 @@ def test_cann_version_comes_from_the_install_record(tmp_path, monkeypatch) -> No
     record.write_text("package_name=Ascend-cann-toolkit\nversion=8.1.RC1\narch=x\n")
     monkeypatch.setenv("ASCEND_TOOLKIT_HOME", str(tmp_path / "latest"))
     assert stack.check_cann().startswith("8.1.RC1")
+
+
+def test_npu_fused_pooling_check_passes_through_the_wrapper(npu_double) -> None:
+    mx = npu_double()
+    detail = compute.check_fused_pooling(compute.Target("npu", double.to_npu))
+    assert "(mx_driving.bev_pool_v3)" in detail
+    assert [c[0] for c in mx.calls] == ["bev_pool_v3", "bev_pool_v3_backward"]
+
+
+@pytest.mark.parametrize("wrong,cause", [
+    ("fp16", "aclnnBEVPoolV3: depth has dtype torch.float16"),
+    ("channels not a multiple of 8", "The channel of feature must be multiple of 8"),
+    ("channels over 360", "C=368 > 360"),
+])
+def test_npu_fused_pooling_check_catches_a_wrong_call(npu_double, monkeypatch, wrong,
+                                                      cause) -> None:
+    """A dispatch that hands the op half precision, or a channel count it does not take,
+    fails the check with the op's cause."""
+    from bevdepth.utils import device
+    npu_double()
+    if wrong == "fp16":
+        op, where = device.npu_fused_pooling_op()
+        monkeypatch.setattr(device, "npu_fused_pooling_op", lambda: (
+            lambda depth, feat, *rest: op(depth.half(), feat.half(), *rest), where))
+    elif wrong == "channels not a multiple of 8":
+        monkeypatch.setattr(device, "NPU_FUSED_CHANNEL_MULTIPLE", 1)  # no padding
+        monkeypatch.setitem(compute.FUSED_SHAPE, "channels", 76)
+    else:
+        monkeypatch.setattr(device, "NPU_FUSED_MAX_CHANNELS", 400)  # no split at 360
+        monkeypatch.setitem(compute.FUSED_SHAPE, "channels", 368)
+    result = report.Report(stream=open(os.devnull, "w")).run(
+        "compute.pooling.fused",
+        lambda: compute.check_fused_pooling(compute.Target("npu", double.to_npu)))
+    assert result.status == report.FAIL and cause in result.detail, result.detail

@@ -14,6 +14,18 @@ Checked:
     naming the release to install, at start-up (setup_runtime), not mid-step;
   - the double itself refuses what the real op refuses: host tensors, wrong dims, a dtype outside
     the OpDef, attributes that disagree with the tensors, a call over a documented limit.
+Fused pooling (``--pooling fused``: mx_driving.bev_pool_v3 through DrivingSDK's own wrapper):
+  - at the R50 recipe's shapes the forward and both gradients equal the product path's within
+    1e-5 relative; every point inside the grid is ranked once, every call is float32 with int32
+    ranks and inside the limits (C % 8 == 0, C <= 360, B*D*H*W*C <= 2^31);
+  - fp16 and bf16 inputs reach the op as float32 and come back in their dtype; channels padded
+    to a multiple of 8 (C=20) and split at 360 (C=400); samples split when a call would pass
+    2^31 elements (a lowered limit); no point inside the grid makes no call;
+  - the op is found at mx_driving.bev_pool_v3 (v7.0.RC1); a release without it (v6.0.0) is an
+    error naming the release and --pooling product;
+  - the double follows DrivingSDK's own golden loop (tests/torch/test_bev_pool_v3.py) and refuses
+    what the op refuses: C not a multiple of 8, fp16, int64 ranks, zero ranks, ranks out of
+    bounds, C > 360, B*D*H*W*C > 2^31.
 Run:
     PYTHONPATH=. python -m pytest tests/integration/test_npu_contract.py -q   (after
     `bevdepth-npu fetch drivingsdk`)
@@ -206,3 +218,223 @@ def test_the_double_follows_drivingsdks_own_golden_function(mx) -> None:
     out.backward(double.to_npu(grad_out))
     assert torch.equal(npu_features.grad.cpu(),
                        helpers.gather_reference(geom, grad_out, [10, 8, 1]))
+
+
+# ---------------------------------------------------------------- fused pooling (bev_pool_v3)
+
+
+def lss_case(batch, cams, bins, height, width, channels, seed, grid=GRID, dtype=torch.float32):
+    """Cells over the grid and a margin outside it, softmaxed depth, context; as the backbone
+    hands them to the pooling."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, cams, bins, height, width)
+    geom = torch.stack([torch.randint(-8, grid[0] + 8, shape, generator=gen),
+                        torch.randint(-8, grid[1] + 8, shape, generator=gen),
+                        torch.randint(-1, 2, shape, generator=gen)], -1).int()
+    depth = torch.randn(batch * cams, bins, height, width, generator=gen).softmax(1).to(dtype)
+    context = torch.randn(batch * cams, channels, height, width, generator=gen).to(dtype)
+    return geom, depth, context
+
+
+def product_reference(geom, depth, context, grad_out, grid=GRID):
+    """float64 product path on the host: the pooled grid and the gradients of depth, context."""
+    batch = geom.shape[0]
+    depth = depth.detach().double().requires_grad_(True)
+    context = context.detach().double().requires_grad_(True)
+    product = depth.unsqueeze(1) * context.unsqueeze(2)  # (B*cams, C, D, H, W)
+    product = product.view(batch, -1, *product.shape[1:]).permute(0, 1, 3, 4, 5, 2)
+    out = helpers.pool_reference(geom, product.reshape(batch, -1, product.shape[-1]), grid)
+    grads = torch.autograd.grad(out, (depth, context), grad_out.double())
+    return out.detach(), grads[0], grads[1]
+
+
+def fused_npu(geom, depth, context, grid=GRID):
+    """The port's fused NPU dispatch on tagged tensors; returns (out, depth, context)."""
+    npu_depth = double.to_npu(depth).requires_grad_(True)
+    npu_context = double.to_npu(context).requires_grad_(True)
+    out = vp.voxel_pooling_fused(double.to_npu(geom), npu_depth, npu_context, grid,
+                                 backend=device.NPU)
+    return out, npu_depth, npu_context
+
+
+def fused_calls(mx, name="bev_pool_v3"):
+    return [c for c in mx.calls if c[0] == name]
+
+
+def inside_count(geom, grid=GRID):
+    return int(((geom >= 0) & (geom < torch.tensor(grid))).all(-1).sum())
+
+
+def test_fused_r50_shapes_equal_the_product_path(mx) -> None:
+    geom, depth, context = lss_case(2, 6, 112, 16, 44, 80, seed=21)
+    out, npu_depth, npu_context = fused_npu(geom, depth, context)
+    assert isinstance(out, double.NpuTensor) and out.shape == (2, 80, 128, 128)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    out.backward(double.to_npu(grad_out))
+    expected, grad_depth, grad_context = product_reference(geom, depth, context, grad_out)
+    assert helpers.relative_error(out.detach().cpu(), expected) <= 1e-5
+    assert helpers.relative_error(npu_depth.grad.cpu(), grad_depth) <= 1e-5
+    assert helpers.relative_error(npu_context.grad.cpu(), grad_context) <= 1e-5
+    assert fused_calls(mx) == [("bev_pool_v3", 2, 1, 128, 128, 80, inside_count(geom))]
+    assert fused_calls(mx, "bev_pool_v3_backward") == [
+        ("bev_pool_v3_backward", 2, 1, 128, 128, 80, inside_count(geom))]
+    assert not [c for c in mx.calls if c[0] in ("forward", "backward")]  # no product path
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-3), (torch.bfloat16, 8e-3)])
+def test_fused_half_inputs_reach_the_op_as_float32(mx, monkeypatch, dtype, tol) -> None:
+    seen = []
+    kernel = mx._C.npu_bev_pool_v3
+
+    def spy(depth, feat, *args):
+        seen.append((depth.dtype, feat.dtype, *(r.dtype for r in args[:3])))
+        return kernel(depth, feat, *args)
+
+    monkeypatch.setattr(mx._C, "npu_bev_pool_v3", spy)
+    geom, depth, context = lss_case(1, 2, 10, 4, 6, 16, seed=22, dtype=dtype)
+    out, npu_depth, npu_context = fused_npu(geom, depth, context)
+    assert seen == [(torch.float32, torch.float32, torch.int32, torch.int32, torch.int32)]
+    assert out.dtype == dtype
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    out.backward(double.to_npu(grad_out))
+    expected, grad_depth, grad_context = product_reference(geom, depth, context, grad_out)
+    assert helpers.relative_error(out.detach().cpu(), expected) < tol
+    assert npu_depth.grad.dtype == npu_context.grad.dtype == dtype
+    assert helpers.relative_error(npu_context.grad.cpu(), grad_context) < tol
+
+
+@pytest.mark.parametrize("channels,calls", [(20, [24]), (400, [360, 40]), (8, [8])])
+def test_fused_channels_padded_to_eight_and_split_at_360(mx, channels, calls) -> None:
+    geom, depth, context = lss_case(2, 2, 6, 3, 5, channels, seed=23, grid=[12, 10, 1])
+    out, npu_depth, npu_context = fused_npu(geom, depth, context, [12, 10, 1])
+    assert out.shape == (2, channels, 10, 12)
+    assert [c[5] for c in fused_calls(mx)] == calls
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
+    out.backward(double.to_npu(grad_out))
+    assert [c[5] for c in fused_calls(mx, "bev_pool_v3_backward")] == calls[::-1]
+    expected, grad_depth, grad_context = product_reference(geom, depth, context, grad_out,
+                                                           [12, 10, 1])
+    assert helpers.relative_error(out.detach().cpu(), expected) <= 1e-5
+    assert helpers.relative_error(npu_depth.grad.cpu(), grad_depth) <= 1e-5
+    assert helpers.relative_error(npu_context.grad.cpu(), grad_context) <= 1e-5
+
+
+def test_fused_samples_split_when_a_call_would_pass_the_element_limit(mx, monkeypatch) -> None:
+    """With the limit lowered to two samples' output, four samples take two calls, each inside
+    the (equally lowered) limit the double enforces."""
+    grid = [12, 10, 1]
+    limit = 2 * 12 * 10 * 16
+    monkeypatch.setattr(device, "NPU_FUSED_MAX_ELEMENTS", limit)
+    monkeypatch.setitem(double.FUSED_LIMITS, "elements", limit)
+    geom, depth, context = lss_case(4, 2, 6, 3, 5, 16, seed=24, grid=grid)
+    out, npu_depth, npu_context = fused_npu(geom, depth, context, grid)
+    assert [c[1] for c in fused_calls(mx)] == [2, 2]
+    out.sum().backward()
+    expected, grad_depth, grad_context = product_reference(geom, depth, context,
+                                                           torch.ones(out.shape), grid)
+    assert helpers.relative_error(out.detach().cpu(), expected) <= 1e-5
+    assert helpers.relative_error(npu_depth.grad.cpu(), grad_depth) <= 1e-5
+    assert helpers.relative_error(npu_context.grad.cpu(), grad_context) <= 1e-5
+
+
+def test_fused_without_a_point_in_the_grid_makes_no_call(mx) -> None:
+    geom, depth, context = lss_case(1, 2, 4, 3, 5, 8, seed=25)
+    geom[..., 0] = -1
+    out, _, _ = fused_npu(geom, depth, context)
+    assert out.shape == (1, 8, 128, 128) and not out.any()
+    assert mx.calls == []
+
+
+def test_fused_chunks_stay_inside_the_limits_at_large_shapes() -> None:
+    limit = device.NPU_FUSED_MAX_ELEMENTS
+    for shape in [(8, 6, 112, 16, 44, 80, 128, 128), (8, 6, 112, 40, 100, 80, 128, 128),
+                  (64, 6, 112, 32, 88, 360, 512, 512), (2, 6, 112, 16, 44, 1000, 1500, 1500)]:
+        batch, cams, bins, height, width, channels, grid_x, grid_y = shape
+        batch_step, channel_step, padded = device.npu_fused_pooling_chunks(*shape)
+        assert padded % 8 == 0 and channel_step % 8 == 0 and 8 <= channel_step <= 360
+        assert 1 <= batch_step <= batch
+        assert batch_step * grid_x * grid_y * channel_step <= limit  # the output
+        assert batch_step * cams * height * width * channel_step <= limit  # feat rows x C
+        assert batch_step * cams * bins * height * width < limit  # depth, int32 ranks
+    assert device.npu_fused_pooling_chunks(8, 6, 112, 16, 44, 80, 128, 128) == (8, 80, 80)
+    with pytest.raises(ValueError, match="--pooling product"):
+        device.npu_fused_pooling_chunks(1, 6, 112, 16, 44, 80, 20000, 20000)
+
+
+def test_fused_op_is_found_in_v7_and_missing_in_v6(monkeypatch) -> None:
+    double.install(monkeypatch, "v7")
+    assert device.npu_fused_pooling_op()[1] == "mx_driving.bev_pool_v3"
+    double.install(monkeypatch, "v6")
+    with pytest.raises(RuntimeError, match="branch_v7.0.RC1") as raised:
+        device.npu_fused_pooling_op()
+    assert "--pooling product" in str(raised.value)
+
+
+def golden_loop(depth, feat, ranks_depth, ranks_feat, ranks_bev, shape):
+    """DrivingSDK's golden function of tests/torch/test_bev_pool_v3.py, as a plain loop."""
+    batch, bins, height, width, channels = shape
+    out = torch.zeros(batch * bins * height * width, channels, dtype=torch.float64)
+    flat_depth, rows = depth.double().reshape(-1), feat.double().reshape(-1, channels)
+    for d, f, b in zip(ranks_depth.tolist(), ranks_feat.tolist(), ranks_bev.tolist()):
+        out[b] += flat_depth[d] * rows[f]
+    return out.view(shape).permute(0, 4, 1, 2, 3)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 8, 1), (3, 3, 3, 3, 16, 3),
+                                   (3, 3, 15, 15, 32, 33), (1, 5, 17, 23, 8, 777)])
+def test_the_fused_double_follows_drivingsdks_golden_loop(mx, shape) -> None:
+    batch, bins, height, width, channels, count = shape
+    gen = torch.Generator().manual_seed(26)
+    depth = torch.rand(batch, 1, bins, height, width, generator=gen)
+    feat = torch.rand(batch, 1, height, width, channels, generator=gen)
+    ranks = [torch.randint(0, high, (count,), generator=gen, dtype=torch.int32)
+             for high in (batch * bins * height * width, batch * height * width, batch)]
+    npu_depth = double.to_npu(depth).requires_grad_(True)
+    npu_feat = double.to_npu(feat).requires_grad_(True)
+    out = mx.bev_pool_v3(npu_depth, npu_feat, *[double.to_npu(r) for r in ranks],
+                         [batch, bins, height, width, channels])
+    ref_depth = depth.double().requires_grad_(True)
+    ref_feat = feat.double().requires_grad_(True)
+    expected = golden_loop(ref_depth, ref_feat, *ranks, (batch, bins, height, width, channels))
+    tol = dict(rtol=1e-5, atol=1e-6)  # float32 sums against float64
+    torch.testing.assert_close(out.detach().cpu().double(), expected.detach(), **tol)
+    grad_out = torch.rand(out.shape, generator=gen)
+    out.backward(double.to_npu(grad_out))
+    expected.backward(grad_out.double())
+    torch.testing.assert_close(npu_feat.grad.cpu().double(), ref_feat.grad, **tol)
+    torch.testing.assert_close(npu_depth.grad.cpu().double(), ref_depth.grad, **tol)
+
+
+def test_the_fused_double_refuses_what_the_op_refuses(mx) -> None:
+    gen = torch.Generator().manual_seed(27)
+
+    def call(channels=16, dtype=torch.float32, rank_dtype=torch.int32, count=5, shape=None,
+             bev_rank=None):
+        depth = double.to_npu(torch.rand(1, 2, 3, 4, 5, generator=gen).to(dtype))
+        feat = double.to_npu(torch.rand(1, 2, 4, 5, channels, generator=gen).to(dtype))
+        ranks = [torch.randint(0, high, (count,), generator=gen).to(rank_dtype)
+                 for high in (depth.numel(), 2 * 4 * 5, 4 * 5)]
+        if bev_rank is not None:
+            ranks[2].fill_(bev_rank)
+        return mx.bev_pool_v3(depth, feat, *[double.to_npu(r) for r in ranks],
+                              shape or [1, 1, 4, 5, channels])
+
+    assert call().shape == (1, 16, 1, 4, 5)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        call(channels=12)
+    with pytest.raises(RuntimeError, match="aclnnBEVPoolV3: depth has dtype torch.float16"):
+        call(dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="ranks_depth has dtype torch.int64"):
+        call(rank_dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="0 ranks"):
+        call(count=0)
+    with pytest.raises(RuntimeError, match="ranks_bev spans .* out of bounds"):
+        call(bev_rank=20)  # one past the 4x5 cells
+    with pytest.raises(double.LimitViolation, match="C=368 > 360"):
+        call(channels=368)
+    with pytest.raises(double.LimitViolation,
+                       match="B\\*D\\*H\\*W\\*C=4294967296 > 2147483648"):
+        call(shape=[2 ** 12, 1, 2 ** 10, 2 ** 6, 16])
+    with pytest.raises(RuntimeError, match="feat must be an NPU tensor"):
+        mx.bev_pool_v3(double.to_npu(torch.rand(1, 1, 1, 1, 1)), torch.rand(1, 1, 1, 1, 8),
+                       *[double.to_npu(torch.zeros(1, dtype=torch.int32))] * 3, [1, 1, 1, 1, 8])

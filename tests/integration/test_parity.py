@@ -9,7 +9,8 @@ from the bevdepth-npu env, computes the same here. Checked:
   - upstream's state dict loads into the patched 2key R50 model with strict=True;
   - from those weights (random init with a fixed seed, no pretrained download), one fp32
     inference forward gives the same head outputs and one fp32 training step (batch 1, two key
-    frames, 128x352 images) the same detection and depth losses and gradients (1e-4 relative).
+    frames, 128x352 images) the same detection and depth losses and gradients (1e-4 relative),
+    with the experiments' --pooling product and --pooling fused alike.
 Both sides run on one CPU thread: with two, upstream's own float32 gradients differ by 4e-5 to
 1.2e-4 (norm) between two identical runs (measured), as large as the tolerance; on one thread
 two upstream runs, and the port against upstream, measured exactly equal.
@@ -158,15 +159,17 @@ def test_head_targets_identical_to_upstream(upstream: dict) -> None:
     assert sum(int(m.sum()) for m in targets[3]) > 20  # boxes were drawn
 
 
-@pytest.fixture(scope="module")
-def patched_model(upstream: dict):
+@pytest.fixture(scope="module", params=["product", "fused"])
+def patched_model(upstream: dict, request):
     backbone_conf = copy.deepcopy(base_exp.backbone_conf)
     backbone_conf.update(final_dim=FINAL_DIM)
     backbone_conf["img_backbone_conf"]["init_cfg"] = None
     torch.manual_seed(1234)  # a different random init: the state dict must overwrite it all
     module = exp_2key.BEVDepthLightningModel(backbone_conf=backbone_conf,
                                              head_conf=copy.deepcopy(base_exp.head_conf),
-                                             default_root_dir=str(upstream["work"] / "patched"))
+                                             default_root_dir=str(upstream["work"] / "patched"),
+                                             pooling=request.param)
+    assert module.model.backbone.pooling == request.param
     module.load_state_dict(upstream["state_dict"], strict=True)
     return module
 
