@@ -418,7 +418,12 @@ class Run:
         log = self.run_dir / f"doctor_{self.log_id}.log"
         command = [self.python, "-m", "bevdepth_npu", "doctor", "--quick", "--device",
                    self.device, "--json", str(self.run_dir / "doctor.json")]
-        self.console.note(f"self-test: bevdepth-npu doctor --quick; log {log}")
+        shown = "bevdepth-npu doctor --quick"
+        pooling = experiment_pooling(self.s.experiment_args)
+        if pooling != "product":   # check on the device the pooling the run will train with
+            command += ["--pooling", pooling]
+            shown += f" --pooling {pooling}"
+        self.console.note(f"self-test: {shown}; log {log}")
         status = run_stage(self.console, "self-test", command, log, self.bevdepth_root,
                            self.stage_env(), Heartbeat(self.console, "self-test"))
         if status != 0:
@@ -549,6 +554,18 @@ class Run:
         if self.s.mode == "smoke" and not curves.is_file():
             raise Stop(f"no loss curve: {curves} was not written (is matplotlib installed in "
                        f"{self.python}'s environment?)", record=None)
+
+
+def experiment_pooling(args: Sequence[str]) -> str:
+    """The ``--pooling`` the experiment arguments ask for (the last one wins, as with argparse);
+    ``product``, the experiments' default, when none does."""
+    pooling = "product"
+    for i, arg in enumerate(args):
+        if arg == "--pooling" and i + 1 < len(args):
+            pooling = args[i + 1]
+        elif arg.startswith("--pooling="):
+            pooling = arg.split("=", 1)[1]
+    return pooling
 
 
 def summarize_metrics_path(summary: Dict, run_dir: Path) -> Optional[Path]:

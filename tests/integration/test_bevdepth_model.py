@@ -48,7 +48,7 @@ from bevdepth.exps.nuscenes import base_exp  # noqa: E402
 from bevdepth.utils import device, pretrained  # noqa: E402
 
 TREE = helpers.patched_root()
-SMALL_DIM = (64, 192)  # widths must divide by 32 for the R50 + SECONDFPN strides
+SMALL_DIM = helpers.SMALL_DIM
 EXPERIMENTS = sorted(
     str(p.relative_to(TREE)).replace(os.sep, ".")[:-3]
     for p in (TREE / "bevdepth" / "exps" / "nuscenes").rglob("*.py")
@@ -233,26 +233,16 @@ def test_count_devices() -> None:
     assert base_cli.count_devices([0, 1], None) == 2
 
 
-def small_confs(final_dim=SMALL_DIM):
-    backbone_conf = copy.deepcopy(base_exp.backbone_conf)
-    backbone_conf["final_dim"] = final_dim
-    backbone_conf["img_backbone_conf"]["init_cfg"] = None
-    ida_aug_conf = copy.deepcopy(base_exp.ida_aug_conf)
-    ida_aug_conf["final_dim"] = final_dim
-    return dict(backbone_conf=backbone_conf, head_conf=copy.deepcopy(base_exp.head_conf),
-                ida_aug_conf=ida_aug_conf, bda_aug_conf=copy.deepcopy(base_exp.bda_aug_conf))
-
-
 def build(cls, tmp_path: Path, **kwargs):
     torch.manual_seed(0)
-    return cls(default_root_dir=str(tmp_path / "outputs"), **small_confs(), **kwargs)
+    return cls(default_root_dir=str(tmp_path / "outputs"), **helpers.small_confs(), **kwargs)
 
 
 def test_optimizer_recipe(tmp_path: Path) -> None:
     cls = exp_module("mv.bev_depth_lss_r50_256x704_128x128_24e_2key").BEVDepthLightningModel
     args = parse(cls, "--gpus", "8", "-b", "8")
     kwargs = dict(vars(args), gpus=base_cli.count_devices(args.devices, args.gpus))
-    kwargs.update(small_confs())
+    kwargs.update(helpers.small_confs())
     kwargs["default_root_dir"] = str(tmp_path / "outputs")
     module = cls(**kwargs)
     (optimizer, ), (scheduler, ) = module.configure_optimizers()
@@ -438,7 +428,7 @@ def test_predict_mode_writes_submission_json(tmp_path: Path) -> None:
     root = sample_data_root(tmp_path)
     exp_name = "mv.bev_depth_lss_r50_256x704_128x128_24e_2key"
     cls = exp_module(exp_name).BEVDepthLightningModel
-    confs = small_confs((256, 704))
+    confs = helpers.small_confs((256, 704))
     torch.manual_seed(0)
     module = cls(default_root_dir=str(tmp_path / "build"), **confs)
     ckpt_dir = tmp_path / "ckpt"

@@ -2,7 +2,7 @@
 
 Checked:
   - the product path's numba kernels equal the sparse-matrix pooling they replace bit for bit
-    (fp32 and float64), whatever the thread count and however many point ranges share cells;
+    (fp32 and float64), whatever the thread count and however many blocks of cells split the work;
     the gather is exact;
   - voxel_pooling_fused on CPU (numba) equals pooling the whole product bit for bit, its depth
     and context gradients within 1e-5 relative (measured about 1e-7); the torch implementation
@@ -26,6 +26,7 @@ import importlib
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.integration import _bevdepth_helpers as helpers
@@ -40,7 +41,7 @@ from bevdepth.ops import voxel_pooling as vp  # noqa: E402
 from bevdepth.ops.voxel_pooling import cpu_kernels  # noqa: E402
 from bevdepth.utils import device  # noqa: E402
 
-SMALL_DIM = (64, 192)
+SMALL_DIM = helpers.SMALL_DIM
 R50_2KEY = "mv.bev_depth_lss_r50_256x704_128x128_24e_2key"
 
 
@@ -50,18 +51,6 @@ def threads():
     before = torch.get_num_threads()
     yield torch.set_num_threads
     torch.set_num_threads(before)
-
-
-def lss_case(batch, cams, bins, height, width, channels, seed, grid=(32, 32, 1),
-             dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    shape = (batch, cams, bins, height, width)
-    geom = torch.stack([torch.randint(-5, grid[0] + 5, shape, generator=gen),
-                        torch.randint(-5, grid[1] + 5, shape, generator=gen),
-                        torch.randint(-1, 2, shape, generator=gen)], -1).int()
-    depth = torch.randn(batch * cams, bins, height, width, generator=gen).softmax(1).to(dtype)
-    context = torch.randn(batch * cams, channels, height, width, generator=gen).to(dtype)
-    return geom, depth, context
 
 
 def product_path(geom, depth, context, grid):
@@ -110,11 +99,12 @@ def test_cpu_kernels_equal_the_sparse_matmul_bit_for_bit(threads, dtype, num_thr
     assert torch.equal(features.grad, helpers.gather_reference(geom, grad_out, grid))
 
 
-@pytest.mark.parametrize("ranges", [3, 7])
-def test_more_point_ranges_than_threads_keep_the_order(monkeypatch, ranges) -> None:
-    """Every range after the first re-adds the points of cells an earlier range touched: with
-    random cells nearly all of them, so the merge is exercised everywhere."""
-    monkeypatch.setattr(cpu_kernels, "_ranges", lambda: ranges)
+@pytest.mark.parametrize("blocks", [3, 7])
+def test_more_cell_blocks_than_threads_keep_the_order(monkeypatch, blocks) -> None:
+    """The forwards split the cells into blocks, each a task that reads every point: any number
+    of blocks, more than the threads or not, gives the sums of one pass in point order."""
+    monkeypatch.setattr(cpu_kernels, "_cell_blocks", lambda num_rows: np.linspace(
+        0, num_rows, blocks + 1).round().astype(np.int64))
     gen = torch.Generator().manual_seed(11)
     grid = (12, 10, 1)
     geom = torch.stack([torch.randint(-2, 14, (2, 5_000), generator=gen),
@@ -123,7 +113,7 @@ def test_more_point_ranges_than_threads_keep_the_order(monkeypatch, ranges) -> N
     features = torch.randn(2, 5_000, 24, generator=gen)
     out = vp.voxel_pooling(geom, features, grid, backend=device.CPU)
     assert torch.equal(out, sparse_matmul_pooling(geom, features, grid))
-    geom, depth, context = lss_case(1, 3, 7, 4, 5, 24, seed=12, grid=grid)
+    geom, depth, context = helpers.lss_case(1, 3, 7, 4, 5, 24, seed=12, grid=grid)
     fused = vp.voxel_pooling_fused(geom, depth, context, grid)
     assert torch.equal(fused, product_path(geom, depth, context, grid))
 
@@ -132,7 +122,7 @@ def test_cell_rows_number_cells_per_sample_and_drop_outside_points() -> None:
     geom = torch.tensor([[[0, 0, 0], [3, 1, 0], [4, 0, 0], [0, 2, 0], [0, 0, 1], [-1, 0, 0]],
                          [[3, 1, 0], [0, 0, 0], [1, 1, -1], [2, 1, 0], [0, 0, 0], [0, 0, 0]]],
                         dtype=torch.int32)
-    rows = cpu_kernels.cell_rows(geom, (4, 2, 1)).rows
+    rows = cpu_kernels.cell_rows(geom, (4, 2, 1))
     assert rows.dtype == torch.int32
     assert rows.tolist() == [0, 7, -1, -1, -1, -1, 15, 8, -1, 14, 8, 8]
 
@@ -141,7 +131,7 @@ def test_cell_rows_number_cells_per_sample_and_drop_outside_points() -> None:
 
 
 def test_fused_cpu_equals_the_product_path() -> None:
-    geom, depth, context = lss_case(2, 6, 28, 8, 11, 80, seed=2)
+    geom, depth, context = helpers.lss_case(2, 6, 28, 8, 11, 80, seed=2)
     grid = (32, 32, 1)
     depth.requires_grad_(True)
     context.requires_grad_(True)
@@ -158,7 +148,7 @@ def test_fused_cpu_equals_the_product_path() -> None:
 
 def test_fused_cpu_results_do_not_depend_on_the_thread_count(threads) -> None:
     """Threads split the channels (forward) and the pixels (backward): the order holds."""
-    geom, depth, context = lss_case(1, 6, 20, 8, 11, 80, seed=10)
+    geom, depth, context = helpers.lss_case(1, 6, 20, 8, 11, 80, seed=10)
     depth.requires_grad_(True)
     context.requires_grad_(True)
     grad_out = torch.randn(1, 80, 32, 32, generator=torch.Generator().manual_seed(4))
@@ -173,7 +163,7 @@ def test_fused_cpu_results_do_not_depend_on_the_thread_count(threads) -> None:
 @pytest.mark.parametrize("chunk_elements", [1, 3000, 10 ** 9])
 def test_fused_torch_implementation_equals_the_product_path(chunk_elements) -> None:
     """The CUDA backend, run on CPU tensors: the product a few depth bins at a time."""
-    geom, depth, context = lss_case(2, 3, 9, 4, 5, 6, seed=4)
+    geom, depth, context = helpers.lss_case(2, 3, 9, 4, 5, 6, seed=4)
     grid = (32, 32, 1)
     depth.requires_grad_(True)
     context.requires_grad_(True)
@@ -190,7 +180,7 @@ def test_fused_torch_implementation_equals_the_product_path(chunk_elements) -> N
 
 @pytest.mark.parametrize("backend", [device.CPU, device.CUDA])
 def test_fused_gradcheck_float64(backend) -> None:
-    geom, depth, context = lss_case(1, 2, 5, 3, 4, 3, seed=6, grid=(6, 5, 1),
+    geom, depth, context = helpers.lss_case(1, 2, 5, 3, 4, 3, seed=6, grid=(6, 5, 1),
                                     dtype=torch.float64)
     depth.requires_grad_(True)
     context.requires_grad_(True)
@@ -201,7 +191,7 @@ def test_fused_gradcheck_float64(backend) -> None:
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-3), (torch.bfloat16, 8e-3)])
 def test_fused_half_inputs_pool_in_float32(dtype, tol) -> None:
-    geom, depth, context = lss_case(2, 2, 10, 4, 6, 16, seed=7, dtype=dtype)
+    geom, depth, context = helpers.lss_case(2, 2, 10, 4, 6, 16, seed=7, dtype=dtype)
     depth.requires_grad_(True)
     context.requires_grad_(True)
     out = vp.voxel_pooling_fused(geom, depth, context, (32, 32, 1))
@@ -214,7 +204,7 @@ def test_fused_half_inputs_pool_in_float32(dtype, tol) -> None:
 
 
 def test_fused_without_a_point_in_the_grid_and_odd_channels() -> None:
-    geom, depth, context = lss_case(1, 2, 4, 3, 5, 5, seed=8)
+    geom, depth, context = helpers.lss_case(1, 2, 4, 3, 5, 5, seed=8)
     geom[..., 1] = 40  # every point beyond y
     depth.requires_grad_(True)
     context.requires_grad_(True)
@@ -226,7 +216,7 @@ def test_fused_without_a_point_in_the_grid_and_odd_channels() -> None:
 
 
 def test_fused_without_gradients_on_cuda_takes_the_inference_entry(monkeypatch) -> None:
-    geom, depth, context = lss_case(1, 2, 4, 3, 5, 8, seed=9)
+    geom, depth, context = helpers.lss_case(1, 2, 4, 3, 5, 8, seed=9)
     calls = []
     inference = vp.fused.voxel_pooling_inference
 
@@ -265,20 +255,10 @@ def exp_module(name: str):
     return importlib.import_module(f"bevdepth.exps.nuscenes.{name}")
 
 
-def small_confs():
-    backbone_conf = copy.deepcopy(base_exp.backbone_conf)
-    backbone_conf["final_dim"] = SMALL_DIM
-    backbone_conf["img_backbone_conf"]["init_cfg"] = None
-    ida_aug_conf = copy.deepcopy(base_exp.ida_aug_conf)
-    ida_aug_conf["final_dim"] = SMALL_DIM
-    return dict(backbone_conf=backbone_conf, head_conf=copy.deepcopy(base_exp.head_conf),
-                ida_aug_conf=ida_aug_conf)
-
-
 def build(name: str, tmp_path: Path, **kwargs):
     torch.manual_seed(0)
     cls = exp_module(name).BEVDepthLightningModel
-    return cls(default_root_dir=str(tmp_path / "outputs"), **small_confs(), **kwargs)
+    return cls(default_root_dir=str(tmp_path / "outputs"), **helpers.small_confs(), **kwargs)
 
 
 def test_cli_pooling_option(tmp_path: Path) -> None:
@@ -290,7 +270,7 @@ def test_cli_pooling_option(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         parser.parse_args(["--pooling", "sparse"])
     kwargs = dict(vars(args), gpus=1, default_root_dir=str(tmp_path / "outputs"))
-    kwargs.update(small_confs())
+    kwargs.update(helpers.small_confs())
     module = cls(**kwargs)
     assert module.model.backbone.pooling == "fused"
     assert "pooling" not in base_exp.backbone_conf  # the module-level conf is untouched

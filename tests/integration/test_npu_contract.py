@@ -223,19 +223,6 @@ def test_the_double_follows_drivingsdks_own_golden_function(mx) -> None:
 # ---------------------------------------------------------------- fused pooling (bev_pool_v3)
 
 
-def lss_case(batch, cams, bins, height, width, channels, seed, grid=GRID, dtype=torch.float32):
-    """Cells over the grid and a margin outside it, softmaxed depth, context; as the backbone
-    hands them to the pooling."""
-    gen = torch.Generator().manual_seed(seed)
-    shape = (batch, cams, bins, height, width)
-    geom = torch.stack([torch.randint(-8, grid[0] + 8, shape, generator=gen),
-                        torch.randint(-8, grid[1] + 8, shape, generator=gen),
-                        torch.randint(-1, 2, shape, generator=gen)], -1).int()
-    depth = torch.randn(batch * cams, bins, height, width, generator=gen).softmax(1).to(dtype)
-    context = torch.randn(batch * cams, channels, height, width, generator=gen).to(dtype)
-    return geom, depth, context
-
-
 def product_reference(geom, depth, context, grad_out, grid=GRID):
     """float64 product path on the host: the pooled grid and the gradients of depth, context."""
     batch = geom.shape[0]
@@ -266,7 +253,7 @@ def inside_count(geom, grid=GRID):
 
 
 def test_fused_r50_shapes_equal_the_product_path(mx) -> None:
-    geom, depth, context = lss_case(2, 6, 112, 16, 44, 80, seed=21)
+    geom, depth, context = helpers.lss_case(2, 6, 112, 16, 44, 80, seed=21, grid=GRID, margin=8)
     out, npu_depth, npu_context = fused_npu(geom, depth, context)
     assert isinstance(out, double.NpuTensor) and out.shape == (2, 80, 128, 128)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
@@ -291,7 +278,8 @@ def test_fused_half_inputs_reach_the_op_as_float32(mx, monkeypatch, dtype, tol) 
         return kernel(depth, feat, *args)
 
     monkeypatch.setattr(mx._C, "npu_bev_pool_v3", spy)
-    geom, depth, context = lss_case(1, 2, 10, 4, 6, 16, seed=22, dtype=dtype)
+    geom, depth, context = helpers.lss_case(1, 2, 10, 4, 6, 16, seed=22, dtype=dtype, grid=GRID,
+                                            margin=8)
     out, npu_depth, npu_context = fused_npu(geom, depth, context)
     assert seen == [(torch.float32, torch.float32, torch.int32, torch.int32, torch.int32)]
     assert out.dtype == dtype
@@ -305,7 +293,8 @@ def test_fused_half_inputs_reach_the_op_as_float32(mx, monkeypatch, dtype, tol) 
 
 @pytest.mark.parametrize("channels,calls", [(20, [24]), (400, [360, 40]), (8, [8])])
 def test_fused_channels_padded_to_eight_and_split_at_360(mx, channels, calls) -> None:
-    geom, depth, context = lss_case(2, 2, 6, 3, 5, channels, seed=23, grid=[12, 10, 1])
+    geom, depth, context = helpers.lss_case(2, 2, 6, 3, 5, channels, seed=23, grid=[12, 10, 1],
+                                            margin=8)
     out, npu_depth, npu_context = fused_npu(geom, depth, context, [12, 10, 1])
     assert out.shape == (2, channels, 10, 12)
     assert [c[5] for c in fused_calls(mx)] == calls
@@ -326,7 +315,7 @@ def test_fused_samples_split_when_a_call_would_pass_the_element_limit(mx, monkey
     limit = 2 * 12 * 10 * 16
     monkeypatch.setattr(device, "NPU_FUSED_MAX_ELEMENTS", limit)
     monkeypatch.setitem(double.FUSED_LIMITS, "elements", limit)
-    geom, depth, context = lss_case(4, 2, 6, 3, 5, 16, seed=24, grid=grid)
+    geom, depth, context = helpers.lss_case(4, 2, 6, 3, 5, 16, seed=24, grid=grid, margin=8)
     out, npu_depth, npu_context = fused_npu(geom, depth, context, grid)
     assert [c[1] for c in fused_calls(mx)] == [2, 2]
     out.sum().backward()
@@ -338,7 +327,7 @@ def test_fused_samples_split_when_a_call_would_pass_the_element_limit(mx, monkey
 
 
 def test_fused_without_a_point_in_the_grid_makes_no_call(mx) -> None:
-    geom, depth, context = lss_case(1, 2, 4, 3, 5, 8, seed=25)
+    geom, depth, context = helpers.lss_case(1, 2, 4, 3, 5, 8, seed=25, grid=GRID, margin=8)
     geom[..., 0] = -1
     out, _, _ = fused_npu(geom, depth, context)
     assert out.shape == (1, 8, 128, 128) and not out.any()

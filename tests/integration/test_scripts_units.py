@@ -301,9 +301,12 @@ def test_a_failing_self_test_stops_the_run_before_training(fake, tmp_path):
     shadow = tmp_path / "shadow" / "torch-2.2.0.dist-info"
     shadow.mkdir(parents=True)
     (shadow / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.2.0\n")
-    proc = fake.run("train_performance_8p.sh", DOCTOR="1", PYTHONPATH=str(shadow.parent))
+    proc = fake.run("train_performance_8p.sh", "--", "--pooling", "fused", DOCTOR="1",
+                    PYTHONPATH=str(shadow.parent))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "the self-test failed" in proc.stderr and "DOCTOR=0 skips" in proc.stderr
+    # the self-test checks the pooling the run asked for
+    assert "self-test: bevdepth-npu doctor --quick --pooling fused;" in proc.stdout
     assert "torch 2.2.0 is installed; the pin is 2.1.0" in proc.stdout + proc.stderr
     assert not (tmp_path / "calls.jsonl").exists()   # no training
     (run_dir,) = fake.runs()

@@ -107,20 +107,6 @@ def test_voxel_num_as_tensor_and_leading_dims() -> None:
     assert torch.equal(by_list, by_tensor)
 
 
-def lss_case(batch: int, cams: int, depth_bins: int, height: int, width: int, channels: int,
-             seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    geom = torch.stack([torch.randint(-5, 40, (batch, cams, depth_bins, height, width),
-                                      generator=gen),
-                        torch.randint(-5, 40, (batch, cams, depth_bins, height, width),
-                                      generator=gen),
-                        torch.randint(-1, 2, (batch, cams, depth_bins, height, width),
-                                      generator=gen)], -1).int()
-    depth = torch.rand(batch * cams, depth_bins, height, width, generator=gen).softmax(1)
-    context = torch.randn(batch * cams, channels, height, width, generator=gen)
-    return geom, depth, context
-
-
 def whole_product(depth, context, batch):
     product = depth.unsqueeze(1) * context.unsqueeze(2)  # (B*cams, C, D, H, W)
     product = product.view(batch, -1, *product.shape[1:]).permute(0, 1, 3, 4, 5, 2)
@@ -129,7 +115,7 @@ def whole_product(depth, context, batch):
 
 @pytest.mark.parametrize("chunk_elements", [1, 5000, 10 ** 9])
 def test_inference_chunks_equal_whole_product(chunk_elements, monkeypatch) -> None:
-    geom, depth, context = lss_case(2, 3, 9, 4, 5, 6, seed=9)
+    geom, depth, context = helpers.lss_case(2, 3, 9, 4, 5, 6, seed=9, grid=(35, 35, 1))
     expected = helpers.pool_reference(geom, whole_product(depth, context, 2), [32, 32, 1])
     sizes = []
     pool = vp.pooling.voxel_pooling
@@ -151,7 +137,7 @@ def test_inference_chunks_equal_whole_product(chunk_elements, monkeypatch) -> No
 
 def test_inference_default_chunk_is_bounded_at_r50_shapes(monkeypatch) -> None:
     """Batch 2 at 256x704: the whole product has 2*6*112*16*44*80 = 76e6 elements."""
-    geom, depth, context = lss_case(2, 6, 112, 16, 44, 80, seed=10)
+    geom, depth, context = helpers.lss_case(2, 6, 112, 16, 44, 80, seed=10, grid=(35, 35, 1))
     sizes = []
     pool = vp.pooling.voxel_pooling
 

@@ -95,3 +95,12 @@ def test_every_option_is_a_settings_field_and_every_mode_lists_known_options():
 def test_the_launcher_is_remembered():
     s = parse("eval", ["--launcher", "test/eval_bevdepth.sh", "--ckpt=x"], environ={})
     assert s.launcher == "test/eval_bevdepth.sh" and s.ckpt == "x"
+
+
+@pytest.mark.parametrize("args, pooling", [
+    ([], "product"), (["--pooling", "fused"], "fused"), (["--pooling=fused"], "fused"),
+    (["--pooling", "fused", "--pooling=product"], "product"), (["--num_workers", "0"], "product"),
+])
+def test_the_self_test_follows_the_experiments_pooling(args, pooling):
+    from bevdepth_npu.run.runner import experiment_pooling
+    assert experiment_pooling(args) == pooling

@@ -5,9 +5,13 @@
 - reference voxel pooling: a plain loop here, the index_put_ version and the realistic camera /
   box inputs of the R50 recipe from bevdepth_npu/testing.py (shared with the benchmarks),
   re-exported so that the tests name them in one place;
+- lss_case(): the lift's inputs as the backbone hands them to the pooling (integer cells over
+  the grid and a margin outside it, softmaxed depth, context);
+- SMALL_DIM, small_confs(): the R50 recipe's configuration at a small image size;
 - run_upstream(): runs upstream_runner.py on the pristine checkout in a subprocess.
 
-Imported by tests/integration/test_voxel_pooling.py, test_parity.py, test_bevdepth_model.py.
+Imported by tests/integration/test_voxel_pooling.py, test_fused_pooling.py, test_npu_contract.py,
+test_parity.py, test_bevdepth_model.py.
 """
 from __future__ import annotations
 
@@ -65,6 +69,40 @@ def pool_loop(geom, features, voxel_num):
 
 
 # ---------------------------------------------------------------- upstream subprocess
+
+
+SMALL_DIM = (64, 192)  # widths must divide by 32 for the R50 + SECONDFPN strides
+
+
+def small_confs(final_dim=SMALL_DIM) -> Dict:
+    """Copies of base_exp's backbone, head, image and BEV augmentation configurations at
+    ``final_dim``, without the pretrained-weights download."""
+    import copy
+    from bevdepth.exps.nuscenes import base_exp
+    backbone_conf = copy.deepcopy(base_exp.backbone_conf)
+    backbone_conf["final_dim"] = final_dim
+    backbone_conf["img_backbone_conf"]["init_cfg"] = None
+    ida_aug_conf = copy.deepcopy(base_exp.ida_aug_conf)
+    ida_aug_conf["final_dim"] = final_dim
+    return dict(backbone_conf=backbone_conf, head_conf=copy.deepcopy(base_exp.head_conf),
+                ida_aug_conf=ida_aug_conf, bda_aug_conf=copy.deepcopy(base_exp.bda_aug_conf))
+
+
+def lss_case(batch, cams, bins, height, width, channels, seed, grid=(32, 32, 1), margin=5,
+             dtype=None):
+    """(geom (B, cams, D, H, W, 3) int32 cells, x and y up to ``margin`` cells outside the grid
+    and z in -1..1; depth (B*cams, D, H, W) softmaxed over D; context (B*cams, C, H, W)) in
+    ``dtype`` (default float32), from ``seed``."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, cams, bins, height, width)
+    geom = torch.stack([torch.randint(-margin, grid[0] + margin, shape, generator=gen),
+                        torch.randint(-margin, grid[1] + margin, shape, generator=gen),
+                        torch.randint(-1, 2, shape, generator=gen)], -1).int()
+    depth = torch.randn(batch * cams, bins, height, width, generator=gen).softmax(1)
+    context = torch.randn(batch * cams, channels, height, width, generator=gen)
+    dtype = dtype or torch.float32
+    return geom, depth.to(dtype), context.to(dtype)
 
 
 def subprocess_env() -> Dict[str, str]:
