@@ -122,14 +122,15 @@ def check_fused_pooling(target: Target) -> str:
     """``--pooling fused`` on the device (mx_driving.bev_pool_v3 on npu): forward and the
     gradients of depth and context against the float64 product path on the host."""
     from bevdepth.ops.voxel_pooling import voxel_pooling_fused
+    from bevdepth_npu.testing import pool_reference
     grid = FUSED_SHAPE["grid"]
     geom, depth, context = fused_inputs()
     host_depth = depth.double().requires_grad_(True)
     host_context = context.double().requires_grad_(True)
     product = host_depth.unsqueeze(1) * host_context.unsqueeze(2)  # (B*cams, C, D, H, W)
     product = product.view(geom.shape[0], -1, *product.shape[1:]).permute(0, 1, 3, 4, 5, 2)
-    expected = _pool_reference(geom.reshape(geom.shape[0], -1, 3),
-                               product.reshape(geom.shape[0], -1, product.shape[-1]), grid)
+    expected = pool_reference(geom.reshape(geom.shape[0], -1, 3),
+                              product.reshape(geom.shape[0], -1, product.shape[-1]), grid)
     grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
     want = torch.autograd.grad(expected, (host_depth, host_context), grad_out.double())
     device_depth = target.to(depth).requires_grad_(True)
