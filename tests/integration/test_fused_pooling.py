@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -116,6 +118,32 @@ def test_more_cell_blocks_than_threads_keep_the_order(monkeypatch, blocks) -> No
     geom, depth, context = helpers.lss_case(1, 3, 7, 4, 5, 24, seed=12, grid=grid)
     fused = vp.voxel_pooling_fused(geom, depth, context, grid)
     assert torch.equal(fused, product_path(geom, depth, context, grid))
+
+
+THREADS_PROBE = """
+import torch
+torch.set_num_threads(1)
+from bevdepth.ops import voxel_pooling as vp
+geom = torch.randint(0, 8, (1, 2, 3, 4, 5, 3), dtype=torch.int32)
+depth = torch.rand(2, 3, 4, 5, requires_grad=True)
+context = torch.rand(2, 8, 4, 5, requires_grad=True)
+features = torch.rand(1, 2, 3, 4, 5, 8, requires_grad=True)
+vp.voxel_pooling(geom, features, (8, 8, 1)).sum().backward()
+vp.voxel_pooling_fused(geom, depth, context, (8, 8, 1)).sum().backward()
+print(torch.get_num_threads())
+"""
+
+
+def test_the_kernels_leave_torchs_thread_count_alone() -> None:
+    """Numba's OpenMP pool, started by the first parallel kernel of a process, sets the
+    process's OpenMP thread count to all cores; the kernels put torch's back (here 1, as a DDP
+    rank or OMP_NUM_THREADS=1 sets it), so that later operators neither oversubscribe the
+    cores nor compute differently from the first call's."""
+    env = dict(helpers.subprocess_env(), NUMBA_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-c", THREADS_PROBE], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == "1", proc.stdout
 
 
 def test_cell_rows_number_cells_per_sample_and_drop_outside_points() -> None:
