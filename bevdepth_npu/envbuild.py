@@ -77,6 +77,15 @@ def _patch_body_hash(pin: pins.Pin) -> str:
     return _sha(split(path.read_bytes())[1]) if path.is_file() else "none"
 
 
+def heartbeat_gaps():
+    """Seconds between a slow stage's "still running" lines: two in its first minute, then one
+    every two minutes (a 20-minute mmcv build prints 11, not 40)."""
+    yield 30.0
+    yield 30.0
+    while True:
+        yield 120.0
+
+
 class Env:
     def __init__(self, venv: Path, device: str, base_python: str, verbose: bool):
         self.venv = venv
@@ -100,7 +109,8 @@ class Env:
 
     def sh(self, cmd: List[str], stage: str, env: Optional[Dict[str, str]] = None,
            cwd: Optional[Path] = None, progress: Optional[Callable[[], str]] = None) -> str:
-        """Run ``cmd``, output to the stage's log; a heartbeat line every 30 s; clear failure."""
+        """Run ``cmd``, output to the stage's log; heartbeat lines (``heartbeat_gaps``); clear
+        failure."""
         self.logs.mkdir(parents=True, exist_ok=True)
         logfile = self.logs / f"{stage}.log"
         full_env = dict(os.environ)
@@ -116,7 +126,9 @@ class Env:
             stop = threading.Event()
 
             def beat() -> None:
-                while not stop.wait(30):
+                for gap in heartbeat_gaps():
+                    if stop.wait(gap):
+                        return
                     extra = f", {progress()}" if progress else ""
                     log(f"  {stage}: still running ({time.monotonic() - t0:.0f} s{extra})")
 
