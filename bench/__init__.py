@@ -1,4 +1,4 @@
-"""Benchmarks of the BEVDepth port against upstream (issue 6): ``python -m bench``.
+"""Benchmarks of the BEVDepth port against upstream: ``python -m bench``.
 
 One module per benchmark, each with NAME, TITLE and ``run(ctx) -> harness.BenchResult``:
   geometry  get_geometry: upstream's 7-D matmul, an Ascend-style loop, the port (1 and 8 samples)

@@ -48,7 +48,7 @@ DATASET_DIR = "synth-data"      # under the work dir, reused between runs
 READY_FILE = "bench_ready.json"  # written last: its presence means the dataset is complete
 SAMPLES_PER_RUN_FULL, SAMPLES_PER_RUN_QUICK = 12, 6
 REPEATS_FULL, REPEATS_QUICK = 3, 2
-TARGET_RATIO = 2.0              # issue 6: precomputed-depth loader at least 2x the on-the-fly one
+TARGET_RATIO = 2.0              # precomputed-depth loader at least 2x the on-the-fly one
 KEY_IDXES = [-1]                # the 2key recipe: the sample and the previous key frame
 IMAGE_OPTION_AUGS = 60          # augmentations compared pixel by pixel per image option
 

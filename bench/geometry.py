@@ -30,7 +30,7 @@ DOWNSAMPLE_FACTOR = 16       # 16x44 feature map
 D_BOUND = [2.0, 58.0, 0.5]   # 112 depth bins
 BATCHES = (1, 8)
 SEED = 11
-TARGET_SPEEDUP = 3.0         # issue 6: at least 3x faster than upstream's on CPU
+TARGET_SPEEDUP = 3.0         # at least 3x faster than upstream's on CPU
 REPEATS_FULL, REPEATS_QUICK = 9, 5
 
 VARIANTS = ("upstream", "ascend-loop", "port")

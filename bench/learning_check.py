@@ -1,4 +1,4 @@
-"""Learning check: the smoke experiment memorises a few synthetic samples (issue 4).
+"""Learning check: the smoke experiment memorises a few synthetic samples.
 
     python -m bench.learning_check                       # from the repository root, in the env
     python -m bench.learning_check --steps 200 --eval-every 50 --samples 4 --learning-rate 1e-3

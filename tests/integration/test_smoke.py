@@ -1,4 +1,4 @@
-"""End-to-end smoke run and evaluation sanity check on the synthetic nuScenes (issue 4).
+"""End-to-end smoke run and evaluation sanity check on the synthetic nuScenes.
 
 - test/train_smoke.sh, the README's main-job command, at CI sizes (a 2 x 2-sample dataset, two
   training steps of batch 1): exit 0, the metrics table on stdout, the devkit's metrics JSON with

@@ -1,4 +1,4 @@
-"""The smoke experiment at test sizes, for the script, resume and DDP tests of issue 5.
+"""The smoke experiment at test sizes, for the script, resume and DDP tests.
 
     python tiny_exp.py [experiment flags]     (same command line as any BEVDepth experiment)
 
