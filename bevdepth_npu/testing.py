@@ -6,6 +6,8 @@ neither imports the other.
   training batch of the R50 recipe at a chosen image size;
 - ``pool_reference``, ``gather_reference``: voxel pooling and its gradient written independently
   of bevdepth.ops.voxel_pooling;
+- ``lss_case``, ``product_reference``: the lift's inputs as the backbone hands them to the
+  pooling, and their float64 depth x context product pooled, with the gradients of both factors;
 - ``flatten_preds``: head outputs as name -> tensor;
 - ``import_pristine``, ``install_cpu_shims``: run a pristine upstream checkout on a CPU-only
   torch (its CUDA pooling replaced by ``pool_reference``, ``.cuda()`` mapped to the CPU).
@@ -61,6 +63,37 @@ def gather_reference(geom, grad_out, voxel_num):
 
 
 # ---------------------------------------------------------------- realistic inputs
+
+
+def lss_case(batch, cams, bins, height, width, channels, seed, grid=(32, 32, 1), margin=5,
+             dtype=None):
+    """(geom (B, cams, D, H, W, 3) int32 cells, x and y up to ``margin`` cells outside the grid
+    and z in -1..1; depth (B*cams, D, H, W) softmaxed over D; context (B*cams, C, H, W)) in
+    ``dtype`` (default float32), from ``seed``."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, cams, bins, height, width)
+    geom = torch.stack([torch.randint(-margin, grid[0] + margin, shape, generator=gen),
+                        torch.randint(-margin, grid[1] + margin, shape, generator=gen),
+                        torch.randint(-1, 2, shape, generator=gen)], -1).int()
+    depth = torch.randn(batch * cams, bins, height, width, generator=gen).softmax(1)
+    context = torch.randn(batch * cams, channels, height, width, generator=gen)
+    dtype = dtype or torch.float32
+    return geom, depth.to(dtype), context.to(dtype)
+
+
+def product_reference(geom, depth, context, grad_out, grid):
+    """The product path in float64 on the host: (pooled grid, gradient of depth, gradient of
+    context) for the upstream gradient ``grad_out``."""
+    import torch
+    batch = geom.shape[0]
+    depth = depth.detach().cpu().double().requires_grad_(True)
+    context = context.detach().cpu().double().requires_grad_(True)
+    product = depth.unsqueeze(1) * context.unsqueeze(2)  # (B*cams, C, D, H, W)
+    product = product.view(batch, -1, *product.shape[1:]).permute(0, 1, 3, 4, 5, 2)
+    out = pool_reference(geom.cpu(), product.reshape(batch, -1, product.shape[-1]), grid)
+    grads = torch.autograd.grad(out, (depth, context), grad_out.cpu().double())
+    return out.detach(), grads[0], grads[1]
 
 
 def _yaw_matrix(torch, yaw: float):

@@ -101,38 +101,20 @@ def check_pooling(target: Target, dtype: torch.dtype) -> str:
             f"{seconds * 1e3:.0f} ms")
 
 
-def fused_inputs(seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cells over the grid and a margin outside it (dropped), softmaxed depth, context."""
-    shape = FUSED_SHAPE
-    gen = torch.Generator().manual_seed(seed)
-    grid_x, grid_y, _ = shape["grid"]
-    points = (shape["batch"], shape["cams"], shape["bins"], shape["height"], shape["width"])
-    geom = torch.stack([torch.randint(-4, grid_x + 4, points, generator=gen),
-                        torch.randint(-4, grid_y + 4, points, generator=gen),
-                        torch.randint(-1, 2, points, generator=gen)], dim=-1).to(torch.int32)
-    images = shape["batch"] * shape["cams"]
-    depth = torch.randn(images, shape["bins"], shape["height"], shape["width"],
-                        generator=gen).softmax(1)
-    context = torch.randn(images, shape["channels"], shape["height"], shape["width"],
-                          generator=gen)
-    return geom, depth, context
-
-
 def check_fused_pooling(target: Target) -> str:
     """``--pooling fused`` on the device (mx_driving.bev_pool_v3 on npu): forward and the
     gradients of depth and context against the float64 product path on the host."""
     from bevdepth.ops.voxel_pooling import voxel_pooling_fused
-    from bevdepth_npu.testing import pool_reference
-    grid = FUSED_SHAPE["grid"]
-    geom, depth, context = fused_inputs()
-    host_depth = depth.double().requires_grad_(True)
-    host_context = context.double().requires_grad_(True)
-    product = host_depth.unsqueeze(1) * host_context.unsqueeze(2)  # (B*cams, C, D, H, W)
-    product = product.view(geom.shape[0], -1, *product.shape[1:]).permute(0, 1, 3, 4, 5, 2)
-    expected = pool_reference(geom.reshape(geom.shape[0], -1, 3),
-                              product.reshape(geom.shape[0], -1, product.shape[-1]), grid)
-    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
-    want = torch.autograd.grad(expected, (host_depth, host_context), grad_out.double())
+    from bevdepth_npu.testing import lss_case, product_reference
+    shape = FUSED_SHAPE
+    grid = shape["grid"]
+    # cells over the grid and a margin outside it (dropped), softmaxed depth, context
+    geom, depth, context = lss_case(shape["batch"], shape["cams"], shape["bins"],
+                                    shape["height"], shape["width"], shape["channels"], seed=0,
+                                    grid=grid, margin=4)
+    grad_out = torch.randn(shape["batch"], shape["channels"], grid[1], grid[0],
+                           generator=torch.Generator().manual_seed(1))
+    expected, *want = product_reference(geom, depth, context, grad_out, grid)
     device_depth = target.to(depth).requires_grad_(True)
     device_context = target.to(context).requires_grad_(True)
     t0 = time.monotonic()
@@ -151,7 +133,6 @@ def check_fused_pooling(target: Target) -> str:
                    "report it with this output; train with --pooling product meanwhile")
     from bevdepth.utils import device
     where = f" ({device.npu_fused_pooling_op()[1]})" if target.kind == device.NPU else ""
-    shape = FUSED_SHAPE
     return (f"B={shape['batch']} cams={shape['cams']} D={shape['bins']} "
             f"{shape['height']}x{shape['width']} C={shape['channels']}{where}: forward "
             f"{errors['forward']:.1e}, depth grad {errors['depth_grad']:.1e}, context grad "

@@ -223,18 +223,6 @@ def test_the_double_follows_drivingsdks_own_golden_function(mx) -> None:
 # ---------------------------------------------------------------- fused pooling (bev_pool_v3)
 
 
-def product_reference(geom, depth, context, grad_out, grid=GRID):
-    """float64 product path on the host: the pooled grid and the gradients of depth, context."""
-    batch = geom.shape[0]
-    depth = depth.detach().double().requires_grad_(True)
-    context = context.detach().double().requires_grad_(True)
-    product = depth.unsqueeze(1) * context.unsqueeze(2)  # (B*cams, C, D, H, W)
-    product = product.view(batch, -1, *product.shape[1:]).permute(0, 1, 3, 4, 5, 2)
-    out = helpers.pool_reference(geom, product.reshape(batch, -1, product.shape[-1]), grid)
-    grads = torch.autograd.grad(out, (depth, context), grad_out.double())
-    return out.detach(), grads[0], grads[1]
-
-
 def fused_npu(geom, depth, context, grid=GRID):
     """The port's fused NPU dispatch on tagged tensors; returns (out, depth, context)."""
     npu_depth = double.to_npu(depth).requires_grad_(True)
@@ -258,7 +246,8 @@ def test_fused_r50_shapes_equal_the_product_path(mx) -> None:
     assert isinstance(out, double.NpuTensor) and out.shape == (2, 80, 128, 128)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
     out.backward(double.to_npu(grad_out))
-    expected, grad_depth, grad_context = product_reference(geom, depth, context, grad_out)
+    expected, grad_depth, grad_context = helpers.product_reference(geom, depth, context,
+                                                                   grad_out, GRID)
     assert helpers.relative_error(out.detach().cpu(), expected) <= 1e-5
     assert helpers.relative_error(npu_depth.grad.cpu(), grad_depth) <= 1e-5
     assert helpers.relative_error(npu_context.grad.cpu(), grad_context) <= 1e-5
@@ -285,7 +274,8 @@ def test_fused_half_inputs_reach_the_op_as_float32(mx, monkeypatch, dtype, tol) 
     assert out.dtype == dtype
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
     out.backward(double.to_npu(grad_out))
-    expected, grad_depth, grad_context = product_reference(geom, depth, context, grad_out)
+    expected, grad_depth, grad_context = helpers.product_reference(geom, depth, context,
+                                                                   grad_out, GRID)
     assert helpers.relative_error(out.detach().cpu(), expected) < tol
     assert npu_depth.grad.dtype == npu_context.grad.dtype == dtype
     assert helpers.relative_error(npu_context.grad.cpu(), grad_context) < tol
@@ -301,8 +291,8 @@ def test_fused_channels_padded_to_eight_and_split_at_360(mx, channels, calls) ->
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
     out.backward(double.to_npu(grad_out))
     assert [c[5] for c in fused_calls(mx, "bev_pool_v3_backward")] == calls[::-1]
-    expected, grad_depth, grad_context = product_reference(geom, depth, context, grad_out,
-                                                           [12, 10, 1])
+    expected, grad_depth, grad_context = helpers.product_reference(geom, depth, context,
+                                                                   grad_out, [12, 10, 1])
     assert helpers.relative_error(out.detach().cpu(), expected) <= 1e-5
     assert helpers.relative_error(npu_depth.grad.cpu(), grad_depth) <= 1e-5
     assert helpers.relative_error(npu_context.grad.cpu(), grad_context) <= 1e-5
@@ -319,8 +309,8 @@ def test_fused_samples_split_when_a_call_would_pass_the_element_limit(mx, monkey
     out, npu_depth, npu_context = fused_npu(geom, depth, context, grid)
     assert [c[1] for c in fused_calls(mx)] == [2, 2]
     out.sum().backward()
-    expected, grad_depth, grad_context = product_reference(geom, depth, context,
-                                                           torch.ones(out.shape), grid)
+    expected, grad_depth, grad_context = helpers.product_reference(geom, depth, context,
+                                                                   torch.ones(out.shape), grid)
     assert helpers.relative_error(out.detach().cpu(), expected) <= 1e-5
     assert helpers.relative_error(npu_depth.grad.cpu(), grad_depth) <= 1e-5
     assert helpers.relative_error(npu_context.grad.cpu(), grad_context) <= 1e-5

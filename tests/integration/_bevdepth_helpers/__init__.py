@@ -2,11 +2,10 @@
 
 - ENV_REASON / require_env(): skip unless the bevdepth-npu env (patched bevdepth, mmcv with ops,
   mmdet3d) is importable;
-- reference voxel pooling: a plain loop here, the index_put_ version and the realistic camera /
-  box inputs of the R50 recipe from bevdepth_npu/testing.py (shared with the benchmarks),
+- reference voxel pooling: a plain loop here, the index_put_ version, the lift's inputs and
+  their float64 product reference, and the realistic camera / box inputs of the R50 recipe from
+  bevdepth_npu/testing.py (shared with the benchmarks),
   re-exported so that the tests name them in one place;
-- lss_case(): the lift's inputs as the backbone hands them to the pooling (integer cells over
-  the grid and a margin outside it, softmaxed depth, context);
 - SMALL_DIM, small_confs(): the R50 recipe's configuration at a small image size;
 - run_upstream(): runs upstream_runner.py on the pristine checkout in a subprocess.
 
@@ -25,7 +24,8 @@ import pytest
 
 # The inputs and references the benchmarks share live in bevdepth_npu/testing.py.
 from bevdepth_npu.testing import (camera_mats, flatten_preds, gather_reference,  # noqa: F401
-                                  gt_boxes, pool_reference, training_batch)
+                                  gt_boxes, lss_case, pool_reference, product_reference,
+                                  training_batch)
 
 ENV_REASON = ("needs the bevdepth-npu env (create it with `bevdepth-npu env`): bevdepth from the "
               "patched tree, mmcv with ops, mmdet3d, pytorch-lightning")
@@ -86,23 +86,6 @@ def small_confs(final_dim=SMALL_DIM) -> Dict:
     ida_aug_conf["final_dim"] = final_dim
     return dict(backbone_conf=backbone_conf, head_conf=copy.deepcopy(base_exp.head_conf),
                 ida_aug_conf=ida_aug_conf, bda_aug_conf=copy.deepcopy(base_exp.bda_aug_conf))
-
-
-def lss_case(batch, cams, bins, height, width, channels, seed, grid=(32, 32, 1), margin=5,
-             dtype=None):
-    """(geom (B, cams, D, H, W, 3) int32 cells, x and y up to ``margin`` cells outside the grid
-    and z in -1..1; depth (B*cams, D, H, W) softmaxed over D; context (B*cams, C, H, W)) in
-    ``dtype`` (default float32), from ``seed``."""
-    import torch
-    gen = torch.Generator().manual_seed(seed)
-    shape = (batch, cams, bins, height, width)
-    geom = torch.stack([torch.randint(-margin, grid[0] + margin, shape, generator=gen),
-                        torch.randint(-margin, grid[1] + margin, shape, generator=gen),
-                        torch.randint(-1, 2, shape, generator=gen)], -1).int()
-    depth = torch.randn(batch * cams, bins, height, width, generator=gen).softmax(1)
-    context = torch.randn(batch * cams, channels, height, width, generator=gen)
-    dtype = dtype or torch.float32
-    return geom, depth.to(dtype), context.to(dtype)
 
 
 def subprocess_env() -> Dict[str, str]:
