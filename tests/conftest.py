@@ -27,3 +27,12 @@ def require_source(name: str) -> Path:
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+def pytest_collection_modifyitems(config, items):
+    """The layer marker comes from the directory, so no test can sit in one layer and claim
+    another."""
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(REPO_ROOT / "tests").parts
+        if parts[0] in ("unit", "integration"):
+            item.add_marker(getattr(pytest.mark, parts[0]))
