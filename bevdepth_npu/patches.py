@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from bevdepth_npu import gitutil, paths, pins, upstream
 from bevdepth_npu.errors import UserError
 from bevdepth_npu.fsutil import atomic_write
-from bevdepth_npu.patchfile import (body_hash, compose, description, split,
+from bevdepth_npu.patchfile import (body_hash, compose, description, generated_blocks, split,
                                     touched_paths)
 from bevdepth_npu.pins import Pin
 
@@ -317,8 +317,11 @@ def check(pin: Pin, patch_path: Optional[Path] = None) -> str:
     data = read_patch(pin, patch_path)
     header, body = split(data)
     if compose(pin, description(header), body) != data:
-        raise UserError(f"{pin.patch}: its header is not the generated one for the pin table; "
-                        f"re-export it")
+        blocks = generated_blocks(header)
+        what = (f"its header holds the generated block {blocks} times" if blocks > 1
+                else "its header is not the generated one for the pin table")
+        raise UserError(f"{pin.patch}: {what}; re-export it with `bevdepth-npu export "
+                        f"{pin.name} --from DIR` (the export writes the block once)")
     if not body:
         return f"{pin.patch}: header only, the pin needs no change"
     git_dir = git_dir_for(pin, paths.source_dir(pin.name))

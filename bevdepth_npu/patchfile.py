@@ -14,6 +14,7 @@ from bevdepth_npu.errors import UserError
 from bevdepth_npu.pins import Pin
 
 _BODY_START = re.compile(rb"^diff --git ", re.M)
+_GENERATED_FIRST = re.compile(r"^\S+: bevdepth-npu changes to ")
 _AUTO_KEYS = ("Upstream:", "Pin:", "Applies to:", "Apply:", "Regenerate:")
 
 
@@ -39,15 +40,28 @@ def auto_header(pin: Pin, empty: bool = False) -> str:
 
 
 def description(header: bytes) -> str:
-    """The hand-written part of a header: everything after the generated block."""
+    """The hand-written part of a header: what remains after removing every generated block.
+
+    Every block, not just the first: a merge of two exports can leave a second one behind, and
+    keeping it as "description" would make the next export write the header twice over.
+    """
     lines = header.decode("utf-8").splitlines()
+    kept: List[str] = []
     i = 0
-    if lines and ": bevdepth-npu changes to " in lines[0]:
-        i = 1
-        while i < len(lines) and lines[i].startswith(_AUTO_KEYS):
+    while i < len(lines):
+        if _GENERATED_FIRST.match(lines[i]):
             i += 1
-    rest = "\n".join(lines[i:]).strip("\n")
-    return rest
+            while i < len(lines) and lines[i].startswith(_AUTO_KEYS):
+                i += 1
+            continue
+        kept.append(lines[i])
+        i += 1
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip("\n")
+
+
+def generated_blocks(header: bytes) -> int:
+    """How many generated blocks a header holds (one in a patch the export wrote)."""
+    return sum(1 for line in header.decode("utf-8").splitlines() if _GENERATED_FIRST.match(line))
 
 
 def compose(pin: Pin, desc: str, body: bytes) -> bytes:

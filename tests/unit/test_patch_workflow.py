@@ -282,6 +282,28 @@ def test_check_passes_for_an_exported_patch_and_fails_for_a_hand_edit(pin, fetch
         patches.check(pin, patch_file)
 
 
+def test_a_repeated_generated_header_fails_check_and_export_writes_it_once(tmp_path, pin,
+                                                                             fetched, patch_file):
+    """A merge of two exports can leave the generated block twice; check names it, and the
+    next export keeps the description and writes the block once."""
+    data = patch_file.read_bytes()
+    header, body = patchfile.split(data)
+    generated = patchfile.auto_header(pin)
+    assert header.startswith(generated.encode())
+    doubled = generated.encode() + b"\n" + generated.encode() + b"\n" + header + body
+    patch_file.write_bytes(doubled)
+    with pytest.raises(UserError, match="generated block 3 times"):
+        patches.check(pin, patch_file)
+    assert patchfile.description(patchfile.split(doubled)[0]) == \
+        "device port\n- pkg/a.py: ask the device module."
+    target = fresh_clone(tmp_path, fetched, pin)
+    patches.apply(pin, target, patch_path=patch_file)
+    patches.export(pin, target, output=patch_file)
+    assert patch_file.read_bytes() == data
+    assert patchfile.generated_blocks(patchfile.split(data)[0]) == 1
+    assert "re-exports identically" in patches.check(pin, patch_file)
+
+
 def test_header_lines_git_would_misread_are_rejected(pin):
     with pytest.raises(UserError, match="misread"):
         patchfile.compose(pin, "--- a/evil\n", b"")
