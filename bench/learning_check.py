@@ -25,9 +25,10 @@ How the run is set up, and why:
   - the learning rate per sample defaults to 1e-3 (2e-3 for the batch of 2), not the recipe's
     2e-4/64: the recipe's rate is meant for 10,000 steps, this check has a few hundred (at 5e-4
     the check ends at mAP 0.296, at 1e-3 at 0.377);
-  - loss per step comes from the BEVDEPTH_STEP lines of the training logs (bevdepth_npu.steplog);
-    training time is the sum of their step times (process start-up and checkpoint loading left
-    out), or the wall time of the training processes when the tree writes no step lines.
+  - loss per step comes from each segment's steps.jsonl (read by bevdepth_npu.steplog, the one
+    reader of that file); training time is the sum of their step times (process start-up and
+    checkpoint loading left out), or the wall time of the training processes when a segment
+    wrote no step records.
 """
 from __future__ import annotations
 
@@ -41,11 +42,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from bevdepth_npu.fsutil import atomic_write
 from bevdepth_npu.argtypes import positive_float, positive_int
-from bevdepth_npu.steplog import parse_step_log
+from bevdepth_npu.steplog import STEPS_FILE, read_steps
 
 EXP_RELATIVE = Path("bevdepth/exps/nuscenes/smoke/bev_depth_lss_r18_smoke_2key.py")
 TARGET_MAP = 0.3
@@ -149,7 +150,7 @@ def plot(path: Path, points: List[Dict[str, Any]], steps: List[Dict[str, float]]
         loss_ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], linewidth=1)
         loss_ax.set_yscale("log")
     else:
-        loss_ax.text(0.5, 0.5, "no BEVDEPTH_STEP lines in the training logs",
+        loss_ax.text(0.5, 0.5, f"no {STEPS_FILE} records from the training",
                      ha="center", va="center", transform=loss_ax.transAxes)
     loss_ax.set_xlabel("step")
     loss_ax.set_ylabel("training loss")
@@ -168,118 +169,154 @@ def plot(path: Path, points: List[Dict[str, Any]], steps: List[Dict[str, float]]
                                                      metadata={"Software": None}))
 
 
-def run_check(args: argparse.Namespace) -> Dict[str, Any]:
-    started_s = time.time()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    python = args.python
-    bevdepth_root = Path(_query(
-        python, "import os, bevdepth; print(os.path.dirname(os.path.dirname(bevdepth.__file__)))",
-        env))
-    exp = bevdepth_root / EXP_RELATIVE
-    if not exp.is_file():
-        raise CheckError(f"{exp} is missing: {bevdepth_root} is not the patched BEVDepth tree")
-    device = args.device or _query(
-        python, "from bevdepth.utils import device; print(device.device_type())", env)
-    workers = args.num_workers if args.num_workers is not None else (1 if device == "cpu" else 4)
-    if device == "cpu":
-        # More torch threads than free cores make every step wait for the slowest thread.
-        threads = args.threads or (int(env["OMP_NUM_THREADS"]) if env.get("OMP_NUM_THREADS")
-                                   else max(1, len(os.sched_getaffinity(0)) - workers))
-        env["OMP_NUM_THREADS"] = str(threads)
+class Check:
+    """One run of the check: the environment, the run directory and the points so far."""
 
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = (args.out_dir or Path("bench-results") / f"learning_check_{stamp}").resolve()
-    run_dir.mkdir(parents=True, exist_ok=False)
-    print(f"learning_check: run directory {run_dir}", flush=True)
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.started_s = time.time()
+        self.env = dict(os.environ)
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(REPO_ROOT), self.env.get("PYTHONPATH")]))
+        self.python = args.python
+        self.bevdepth_root = Path(_query(
+            self.python,
+            "import os, bevdepth; print(os.path.dirname(os.path.dirname(bevdepth.__file__)))",
+            self.env))
+        self.exp = self.bevdepth_root / EXP_RELATIVE
+        if not self.exp.is_file():
+            raise CheckError(f"{self.exp} is missing: {self.bevdepth_root} is not the patched "
+                             "BEVDepth tree")
+        self.device = args.device or _query(
+            self.python, "from bevdepth.utils import device; print(device.device_type())",
+            self.env)
+        self.workers = (args.num_workers if args.num_workers is not None
+                        else (1 if self.device == "cpu" else 4))
+        if self.device == "cpu":
+            # More torch threads than free cores make every step wait for the slowest thread.
+            self.env["OMP_NUM_THREADS"] = str(
+                args.threads or (int(self.env["OMP_NUM_THREADS"])
+                                 if self.env.get("OMP_NUM_THREADS")
+                                 else max(1, len(os.sched_getaffinity(0)) - self.workers)))
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.run_dir = (args.out_dir or Path("bench-results") / f"learning_check_{stamp}").resolve()
+        self.data = self.run_dir / "data"
+        self.copies = 0
+        self.samples = 0
+        self.step_records: Dict[int, Dict[str, float]] = {}
+        self.train_time_s = 0.0
 
-    # --- data: mini_val scene = the samples; the training infos repeat them
-    data = run_dir / "data"
-    _run([python, "-m", "bevdepth_npu", "synth", "--out", data, "--scenes", "2",
-          "--samples-per-scene", args.samples, "--seed", args.synth_seed, "--quiet"],
-         run_dir / "synth.log", env, REPO_ROOT, "bevdepth-npu synth")
-    _run([python, "scripts/gen_info.py", "--data-root", data, "--version", "v1.0-mini"],
-         run_dir / "gen_info.log", env, bevdepth_root, "scripts/gen_info.py")
-    _run([python, "scripts/gen_depth_gt.py", "--data-root", data],
-         run_dir / "gen_depth_gt.log", env, bevdepth_root, "scripts/gen_depth_gt.py")
-    with open(data / "nuscenes_infos_val.pkl", "rb") as handle:
-        val_infos = pickle.load(handle)
-    copies = max(1, math.ceil(args.eval_every * args.batch_size / len(val_infos)))
-    train_infos = repeat_infos(val_infos, copies)
-    atomic_write(data / "nuscenes_infos_train.pkl", pickle.dumps(train_infos))
-    print(f"learning_check: {len(val_infos)} samples (scene {val_infos[0]['scene_token'][:8]}), "
-          f"training infos repeat them {copies}x; device {device}"
-          + (f", {env['OMP_NUM_THREADS']} torch threads" if device == "cpu" else ""), flush=True)
+    def run(self, cmd: Sequence[Any], log: Path, what: str, cwd: Optional[Path] = None) -> float:
+        return _run(cmd, log, self.env, cwd or self.bevdepth_root, what)
 
-    common = ["--data_root", data, "--device", device, "--seed", "0", "--batch_size_per_device",
-              args.batch_size, "--num_workers", workers, "--enable_progress_bar", "false"]
-    milestones = list(range(args.eval_every, args.steps, args.eval_every)) + [args.steps]
-    points: List[Dict[str, Any]] = []
-    step_records: Dict[int, Dict[str, float]] = {}
-    checkpoint: Optional[Path] = None
-    train_time_s = 0.0
-    header = f"{'step':>6} {'train time s':>13} {'loss':>10} {'mAP':>7} {'NDS':>7}"
-    print(header, flush=True)
-    for milestone in milestones:
-        segment = run_dir / f"train_{milestone:05d}"
-        cmd = [python, exp, *common, "--learning_rate", args.learning_rate,
-               "--max_steps", milestone, "--max_epochs", "-1", "--default_root_dir", segment]
-        cmd += ["--resume", checkpoint if checkpoint is not None else "none"]
+    def make_data(self) -> None:
+        """The mini_val scene holds the samples; the training infos repeat them so that one
+        epoch is ``--eval-every`` steps."""
+        args = self.args
+        self.run([self.python, "-m", "bevdepth_npu", "synth", "--out", self.data, "--scenes", "2",
+                  "--samples-per-scene", args.samples, "--seed", args.synth_seed, "--quiet"],
+                 self.run_dir / "synth.log", "bevdepth-npu synth", cwd=REPO_ROOT)
+        self.run([self.python, "scripts/gen_info.py", "--data-root", self.data, "--version",
+                  "v1.0-mini"], self.run_dir / "gen_info.log", "scripts/gen_info.py")
+        self.run([self.python, "scripts/gen_depth_gt.py", "--data-root", self.data],
+                 self.run_dir / "gen_depth_gt.log", "scripts/gen_depth_gt.py")
+        with open(self.data / "nuscenes_infos_val.pkl", "rb") as handle:
+            val_infos = pickle.load(handle)
+        self.samples = len(val_infos)
+        self.copies = max(1, math.ceil(args.eval_every * args.batch_size / len(val_infos)))
+        atomic_write(self.data / "nuscenes_infos_train.pkl",
+                     pickle.dumps(repeat_infos(val_infos, self.copies)))
+        print(f"learning_check: {len(val_infos)} samples (scene "
+              f"{val_infos[0]['scene_token'][:8]}), training infos repeat them {self.copies}x; "
+              f"device {self.device}" + (f", {self.env['OMP_NUM_THREADS']} torch threads"
+                                         if self.device == "cpu" else ""), flush=True)
+
+    def common(self) -> List[Any]:
+        return ["--data_root", self.data, "--device", self.device, "--seed", "0",
+                "--batch_size_per_device", self.args.batch_size, "--num_workers", self.workers,
+                "--enable_progress_bar", "false"]
+
+    def train_to(self, milestone: int, checkpoint: Optional[Path]) -> Tuple[Path, str]:
+        """Train from ``checkpoint`` (None: from scratch) to step ``milestone``; return the new
+        checkpoint and where the training time came from."""
+        segment = self.run_dir / f"train_{milestone:05d}"
         segment.mkdir()
-        wall_s = _run(cmd, segment / "train.log", env, bevdepth_root,
-                      f"training to step {milestone}")
-        checkpoint = newest_checkpoint(segment)
-        if checkpoint is None:
+        wall_s = self.run([self.python, self.exp, *self.common(), "--learning_rate",
+                           self.args.learning_rate, "--max_steps", milestone, "--max_epochs",
+                           "-1", "--default_root_dir", segment,
+                           "--resume", checkpoint if checkpoint is not None else "none"],
+                          segment / "train.log", f"training to step {milestone}")
+        newest = newest_checkpoint(segment)
+        if newest is None:
             raise CheckError(f"training to step {milestone} wrote no checkpoint below {segment}")
-        segment_records = parse_step_log(segment / "train.log").records
-        for record in segment_records:
-            step_records[record.step] = dict(step=record.step, loss=record.loss,
-                                             step_time_s=record.step_time_s)
-        # Steps' own times leave out process start-up; without step lines, the process's.
-        train_time_s += (sum(r.step_time_s for r in segment_records) if segment_records
-                         else wall_s)
-        evaluation = run_dir / f"eval_{milestone:05d}"
+        steps_file = segment / STEPS_FILE
+        records = read_steps(steps_file).records if steps_file.is_file() else []
+        for record in records:
+            self.step_records[record.step] = dict(step=record.step, loss=record.loss,
+                                                  step_time_s=record.step_time_s)
+        # Steps' own times leave out process start-up; without step records, the process's.
+        self.train_time_s += sum(r.step_time_s for r in records) if records else wall_s
+        return newest, "step log" if records else "process wall time"
+
+    def evaluate(self, milestone: int, checkpoint: Path) -> Dict[str, Any]:
+        evaluation = self.run_dir / f"eval_{milestone:05d}"
         evaluation.mkdir()
-        _run([python, exp, "-e", "--ckpt_path", checkpoint, *common,
-              "--default_root_dir", evaluation],
-             evaluation / "eval.log", env, bevdepth_root, f"evaluation at step {milestone}")
+        self.run([self.python, self.exp, "-e", "--ckpt_path", checkpoint, *self.common(),
+                  "--default_root_dir", evaluation],
+                 evaluation / "eval.log", f"evaluation at step {milestone}")
         metrics_path = evaluation / "metrics_summary.json"
         if not metrics_path.is_file():
             raise CheckError(f"evaluation at step {milestone} wrote no {metrics_path}")
         with open(metrics_path, encoding="utf-8") as handle:
             metrics = json.load(handle)
-        logged = [step_records[s] for s in sorted(step_records) if s <= milestone]
+        logged = [self.step_records[s] for s in sorted(self.step_records) if s <= milestone]
         recent = [r["loss"] for r in logged[-LOSS_WINDOW:]]
-        point = dict(
-            step=milestone,
-            train_time_s=round(train_time_s, 3),
-            train_time_source="step log" if segment_records else "process wall time",
-            loss=(sum(recent) / len(recent)) if recent else None,
-            mAP=metrics["mean_ap"], NDS=metrics["nd_score"],
-            checkpoint=str(checkpoint), metrics=str(metrics_path))
+        return dict(step=milestone, train_time_s=round(self.train_time_s, 3),
+                    loss=(sum(recent) / len(recent)) if recent else None,
+                    mAP=metrics["mean_ap"], NDS=metrics["nd_score"],
+                    checkpoint=str(checkpoint), metrics=str(metrics_path))
+
+    def result(self, points: List[Dict[str, Any]]) -> Dict[str, Any]:
+        args, final = self.args, points[-1]
+        steps = [self.step_records[s] for s in sorted(self.step_records)]
+        return dict(
+            check="learning", target_mAP=TARGET_MAP, passed=final["mAP"] >= TARGET_MAP,
+            final_mAP=final["mAP"], final_NDS=final["NDS"], points=points, steps=steps,
+            settings=dict(steps=args.steps, eval_every=args.eval_every, samples=self.samples,
+                          batch_size=args.batch_size,
+                          learning_rate_per_sample=args.learning_rate,
+                          synth_seed=args.synth_seed, device=self.device,
+                          num_workers=self.workers, torch_threads=self.env.get("OMP_NUM_THREADS"),
+                          experiment=str(EXP_RELATIVE), info_copies=self.copies),
+            wall_time_s=round(time.time() - self.started_s, 1),
+            notes=([] if steps else [f"no {STEPS_FILE} records from the training: no loss per "
+                                     "step; training time is the wall time of the training "
+                                     "processes"]))
+
+
+def run_check(args: argparse.Namespace) -> Dict[str, Any]:
+    check = Check(args)
+    check.run_dir.mkdir(parents=True, exist_ok=False)
+    print(f"learning_check: run directory {check.run_dir}", flush=True)
+    check.make_data()
+    milestones = list(range(args.eval_every, args.steps, args.eval_every)) + [args.steps]
+    points: List[Dict[str, Any]] = []
+    checkpoint: Optional[Path] = None
+    print(f"{'step':>6} {'train time s':>13} {'loss':>10} {'mAP':>7} {'NDS':>7}", flush=True)
+    for milestone in milestones:
+        checkpoint, time_source = check.train_to(milestone, checkpoint)
+        point = dict(check.evaluate(milestone, checkpoint), train_time_source=time_source)
         points.append(point)
         loss_text = f"{point['loss']:.4g}" if point["loss"] is not None else "n/a"
         print(f"{milestone:>6} {point['train_time_s']:>13.1f} {loss_text:>10} "
               f"{point['mAP']:>7.4f} {point['NDS']:>7.4f}", flush=True)
-
-    final = points[-1]
-    steps = [step_records[s] for s in sorted(step_records)]
-    result = dict(
-        check="learning", target_mAP=TARGET_MAP, passed=final["mAP"] >= TARGET_MAP,
-        final_mAP=final["mAP"], final_NDS=final["NDS"], points=points, steps=steps,
-        settings=dict(steps=args.steps, eval_every=args.eval_every, samples=len(val_infos),
-                      batch_size=args.batch_size, learning_rate_per_sample=args.learning_rate,
-                      synth_seed=args.synth_seed, device=device, num_workers=workers,
-                      torch_threads=env.get("OMP_NUM_THREADS"), experiment=str(EXP_RELATIVE),
-                      info_copies=copies),
-        wall_time_s=round(time.time() - started_s, 1),
-        notes=([] if steps else ["no BEVDEPTH_STEP lines in the training logs: no loss per step; "
-                                 "training time is the wall time of the training processes"]))
+    result = check.result(points)
+    run_dir, final = check.run_dir, points[-1]
     atomic_write(run_dir / "learning_check.json",
                  (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
-    plot(run_dir / "learning_check.png", points, steps,
-         f"smoke experiment on {len(val_infos)} synthetic samples, batch {args.batch_size}, "
-         f"lr {args.learning_rate:g}/sample, {device}")
+    plot(run_dir / "learning_check.png", points, result["steps"],
+         f"smoke experiment on {check.samples} synthetic samples, batch {args.batch_size}, "
+         f"lr {args.learning_rate:g}/sample, {check.device}")
     verdict = "PASS" if result["passed"] else "FAIL"
     print(f"learning_check: final mAP {final['mAP']:.4f} (target >= {TARGET_MAP}: {verdict}), "
           f"NDS {final['NDS']:.4f}, wall time {result['wall_time_s']:.0f} s", flush=True)

@@ -14,7 +14,9 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import IO, Deque, Dict, List, Optional
+from typing import IO, Deque, List, Optional
+
+from bevdepth_npu.steplog import StepRecord, parse_record
 
 HEARTBEAT_S = 60.0          # a plain "still running" line after this long without output
 STEP_WINDOW = 20            # steps behind the speed and ETA of the progress line
@@ -114,11 +116,13 @@ class TrainProgress:
         self.stage = stage
         self.offset = steps_path.stat().st_size if steps_path.is_file() else 0
         self.pending = b""
-        self.window: Deque[Dict] = collections.deque(maxlen=STEP_WINDOW)
+        self.window: Deque[StepRecord] = collections.deque(maxlen=STEP_WINDOW)
         self.heartbeat = Heartbeat(console, stage)
-        self.last: Optional[Dict] = None
+        self.last: Optional[StepRecord] = None
 
-    def _new_records(self) -> List[Dict]:
+    def _new_records(self) -> List[StepRecord]:
+        """The complete lines appended since the last poll, through the step log's own record
+        parser (a line it rejects is skipped here; ``summarize`` reports it)."""
         if not self.path.is_file():
             return []
         with open(self.path, "rb") as handle:
@@ -129,11 +133,9 @@ class TrainProgress:
         records = []
         for line in complete:
             try:
-                record = json.loads(line)
+                records.append(parse_record(json.loads(line)))
             except ValueError:
                 continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int):
-                records.append(record)
         return records
 
     def every(self, total: Optional[int]) -> int:
@@ -142,18 +144,16 @@ class TrainProgress:
             return 10
         return min(100, max(1, math.ceil(total / 6)))
 
-    def line(self, record: Dict) -> str:
-        total = record.get("total_steps")
-        step = record["step"]
-        parts = [f"step {step}/{total}" if total else f"step {step}",
-                 f"epoch {record.get('epoch', 0)}"]
-        loss = record.get("loss")
-        parts.append(f"loss {loss:.4g}" if isinstance(loss, (int, float)) else "loss nan")
+    def line(self, record: StepRecord) -> str:
+        total = record.total_steps
+        step = record.step
+        parts = [f"step {step}/{total}" if total else f"step {step}", f"epoch {record.epoch}",
+                 f"loss {record.loss:.4g}"]
         # The first step of a process run waits for start-up; it would bend speed and ETA.
-        timed = [r for r in self.window if r.get("process_step", 2) > 1] or list(self.window)
-        seconds = sum(r.get("step_time_s", 0.0) for r in timed)
+        timed = [r for r in self.window if r.process_step > 1] or list(self.window)
+        seconds = sum(r.step_time_s for r in timed)
         if seconds > 0:
-            samples = sum(r.get("global_batch", 0) for r in timed)
+            samples = sum(r.global_batch for r in timed)
             parts.append(f"{samples / seconds:.3g} samples/s")
             if total and total > step:
                 parts.append(f"ETA {duration((total - step) * seconds / len(timed))}")
@@ -170,8 +170,8 @@ class TrainProgress:
             return
         for record in records:
             self.window.append(record)
-            total = record.get("total_steps")
-            step = record["step"]
+            total = record.total_steps
+            step = record.step
             permanent = (self.last is None or step % self.every(total) == 0
                          or (total is not None and step >= total))
             self.last = record
