@@ -13,7 +13,7 @@ interleaved:
                memory traffic any pooling needs, measured on this machine in this run
     torch      bevdepth.ops.voxel_pooling.voxel_pooling on CPU (the port's torch path: one-pass
                numba kernels)
-    chunked    the NPU call plan (bevdepth.utils.device.npu_voxel_pooling: chunks within the
+    chunked    the NPU call plan (bevdepth.ops.voxel_pooling.npu.voxel_pooling: chunks within the
                documented limits of npu_voxel_pooling_train, partial grids added) with the
                torch path standing in for the NPU kernel
     reference  index_put_ reference pooling of the parity tests, which stands in for upstream's
@@ -164,6 +164,7 @@ class PoolingCase:
 
     def run(self):
         torch = self.torch
+        from bevdepth.ops.voxel_pooling import npu as npu_pooling
         from bevdepth.ops.voxel_pooling import voxel_pooling, voxel_pooling_inference
         from bevdepth.utils import device
         if self.stage == "lift":
@@ -177,7 +178,7 @@ class PoolingCase:
                 elif self.variant == "torch":
                     voxel_pooling(self.geom, self.features, self.grid, backend=device.CPU)
                 elif self.variant == "chunked":
-                    device.npu_voxel_pooling(self.flat_geom, self.flat_features, self.grid)
+                    npu_pooling.voxel_pooling(self.flat_geom, self.flat_features, self.grid)
                 elif self.variant == "reference":
                     harness.test_helpers().pool_reference(self.flat_geom, self.flat_features,
                                                           self.grid)
@@ -218,12 +219,12 @@ class PoolingCase:
     def check(self) -> float:
         """max |variant - torch forward| / max |torch forward| (forward variants)."""
         torch = self.torch
+        from bevdepth.ops.voxel_pooling import npu as npu_pooling
         from bevdepth.ops.voxel_pooling import voxel_pooling_torch
-        from bevdepth.utils import device
         with torch.no_grad():
             expected = voxel_pooling_torch(self.flat_geom, self.flat_features, self.grid)
             if self.variant == "chunked":
-                got = device.npu_voxel_pooling(self.flat_geom, self.flat_features, self.grid)
+                got = npu_pooling.voxel_pooling(self.flat_geom, self.flat_features, self.grid)
             elif self.variant == "reference":
                 got = harness.test_helpers().pool_reference(self.flat_geom, self.flat_features,
                                                             self.grid)

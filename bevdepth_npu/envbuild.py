@@ -44,11 +44,12 @@ STAMP = "bevdepth-npu-env.json"
 IMPORT_CHECK = "import mmcv.ops, mmdet3d, pytorch_lightning, bevdepth"
 # torch_npu, then mx_driving, in the order training imports them; prints where the op lives
 # (mx_driving.npu_voxel_pooling_train from DrivingSDK v7.0.RC1, mx_driving.point.... in v6.0.0)
-NPU_OP_CHECK = ("from bevdepth.utils import device; device._import_npu_stack(); "
-                "error = device._mx_driving_error\n"
+NPU_OP_CHECK = ("from bevdepth.utils import device\n"
+                "from bevdepth.ops.voxel_pooling import npu\n"
+                "error = device.import_npu_stack()\n"
                 "if error: raise SystemExit(f'mx_driving cannot be imported ({error}); ' "
-                "+ device.NPU_POOLING_OP_RELEASE)\n"
-                "print(device.npu_pooling_op()[1])")
+                "+ npu.NPU_POOLING_OP_RELEASE)\n"
+                "print(npu.pooling_op()[1])")
 log = upstream.log
 
 

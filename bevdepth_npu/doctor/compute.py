@@ -131,8 +131,9 @@ def check_fused_pooling(target: Target) -> str:
         raise Fail(", ".join(f"{k} differs from the float64 product by {v:.2e}"
                              for k, v in bad.items()) + f" (allowed {FUSED_TOLERANCE:.0e})",
                    "report it with this output; train with --pooling product meanwhile")
+    from bevdepth.ops.voxel_pooling import npu as npu_pooling
     from bevdepth.utils import device
-    where = f" ({device.npu_fused_pooling_op()[1]})" if target.kind == device.NPU else ""
+    where = f" ({npu_pooling.fused_op()[1]})" if target.kind == device.NPU else ""
     return (f"B={shape['batch']} cams={shape['cams']} D={shape['bins']} "
             f"{shape['height']}x{shape['width']} C={shape['channels']}{where}: forward "
             f"{errors['forward']:.1e}, depth grad {errors['depth_grad']:.1e}, context grad "

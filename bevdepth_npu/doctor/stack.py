@@ -166,17 +166,17 @@ def check_torch_npu() -> str:
 
 def check_mx_driving() -> str:
     """mx_driving imports (after torch_npu, as training does) and has the voxel-pooling op."""
+    from bevdepth.ops.voxel_pooling import npu as npu_pooling
     from bevdepth.utils import device as bd_device
+    release = npu_pooling.NPU_POOLING_OP_RELEASE
     if importlib.util.find_spec("mx_driving") is None:
-        raise Fail("mx_driving (Ascend DrivingSDK) is not installed",
-                   bd_device.NPU_POOLING_OP_RELEASE)
+        raise Fail("mx_driving (Ascend DrivingSDK) is not installed", release)
     version = installed_version("mx_driving") or installed_version("mx-driving") or "unknown"
-    bd_device._import_npu_stack()
-    if bd_device._mx_driving_error is not None:
-        raise Fail(f"mx_driving {version} does not import ({bd_device._mx_driving_error})",
-                   bd_device.NPU_POOLING_OP_RELEASE)
+    error = bd_device.import_npu_stack()
+    if error is not None:
+        raise Fail(f"mx_driving {version} does not import ({error})", release)
     try:
-        _, where = bd_device.npu_pooling_op()
+        _, where = npu_pooling.pooling_op()
     except RuntimeError as error:
-        raise Fail(str(error).split(";")[0], bd_device.NPU_POOLING_OP_RELEASE) from None
+        raise Fail(str(error).split(";")[0], release) from None
     return f"{version}; voxel pooling at {where}"

@@ -177,8 +177,7 @@ def npu_double(monkeypatch):
 
     def install(layout="v7"):
         mx = double.install(monkeypatch, layout)
-        monkeypatch.setattr(device, "_import_npu_stack", lambda: None)
-        monkeypatch.setattr(device, "_mx_driving_error", None)
+        monkeypatch.setattr(device, "import_npu_stack", lambda: None)
         return mx
     return install
 
@@ -194,7 +193,7 @@ def test_npu_release_without_the_op_fails_naming_the_release(npu_double) -> None
     npu_double("none")
     with pytest.raises(report.Fail) as failed:
         stack.check_mx_driving()
-    assert "no voxel-pooling op" in failed.value.cause
+    assert "has no npu_voxel_pooling_train" in failed.value.cause
     assert "branch_v7.0.RC1" in failed.value.hint
 
 
@@ -207,9 +206,9 @@ def test_npu_pooling_checks_pass_through_the_wrapper(npu_double, dtype) -> None:
 
 
 def test_npu_pooling_check_catches_bf16_handed_to_the_op(npu_double, monkeypatch) -> None:
-    from bevdepth.utils import device
+    from bevdepth.ops.voxel_pooling import npu as npu_pooling
     mx = npu_double()
-    monkeypatch.setattr(device, "npu_voxel_pooling", lambda geom, features, grid:
+    monkeypatch.setattr(npu_pooling, "voxel_pooling", lambda geom, features, grid:
                         mx.npu_voxel_pooling_train(geom.int(), features, list(grid)))
     with pytest.raises(RuntimeError, match="input_features has dtype torch.bfloat16"):
         compute.check_pooling(compute.Target("npu", double.to_npu), torch.bfloat16)
@@ -244,17 +243,17 @@ def test_npu_fused_pooling_check_catches_a_wrong_call(npu_double, monkeypatch, w
                                                       cause) -> None:
     """A dispatch that hands the op half precision, or a channel count it does not take,
     fails the check with the op's cause."""
-    from bevdepth.utils import device
+    from bevdepth.ops.voxel_pooling import npu as npu_pooling
     npu_double()
     if wrong == "fp16":
-        op, where = device.npu_fused_pooling_op()
-        monkeypatch.setattr(device, "npu_fused_pooling_op", lambda: (
+        op, where = npu_pooling.fused_op()
+        monkeypatch.setattr(npu_pooling, "fused_op", lambda: (
             lambda depth, feat, *rest: op(depth.half(), feat.half(), *rest), where))
     elif wrong == "channels not a multiple of 8":
-        monkeypatch.setattr(device, "NPU_FUSED_CHANNEL_MULTIPLE", 1)  # no padding
+        monkeypatch.setattr(npu_pooling, "NPU_FUSED_CHANNEL_MULTIPLE", 1)  # no padding
         monkeypatch.setitem(compute.FUSED_SHAPE, "channels", 76)
     else:
-        monkeypatch.setattr(device, "NPU_FUSED_MAX_CHANNELS", 400)  # no split at 360
+        monkeypatch.setattr(npu_pooling, "NPU_FUSED_MAX_CHANNELS", 400)  # no split at 360
         monkeypatch.setitem(compute.FUSED_SHAPE, "channels", 368)
     result = report.Report(stream=open(os.devnull, "w")).run(
         "compute.pooling.fused",

@@ -40,6 +40,7 @@ helpers.require_env()
 torch = pytest.importorskip("torch")
 
 from bevdepth.ops import voxel_pooling as vp  # noqa: E402
+from bevdepth.ops.voxel_pooling import npu as npu_pooling  # noqa: E402
 from bevdepth.utils import device  # noqa: E402
 from tests.integration import mx_driving_double as double  # noqa: E402
 
@@ -162,7 +163,7 @@ def test_inference_chunks_stay_inside_the_limits(mx) -> None:
                                           ("v6", "mx_driving.point.npu_voxel_pooling_train")])
 def test_the_op_is_found_where_each_release_puts_it(monkeypatch, layout, where) -> None:
     mx = double.install(monkeypatch, layout)
-    op, found = device.npu_pooling_op()
+    op, found = npu_pooling.pooling_op()
     assert found == where
     geom, features = case(1, 500, 8, seed=5)
     out, _ = npu_pool(geom, features)
@@ -173,12 +174,12 @@ def test_the_op_is_found_where_each_release_puts_it(monkeypatch, layout, where) 
 def test_a_release_without_the_op_is_refused_at_start_up(monkeypatch) -> None:
     double.install(monkeypatch, "none")
     with pytest.raises(RuntimeError, match="branch_v7.0.RC1") as raised:
-        device.npu_pooling_op()
+        npu_pooling.pooling_op()
     assert "mx_driving.point.npu_voxel_pooling_train" in str(raised.value)
     monkeypatch.setattr(device, "_selected", device.NPU)
     monkeypatch.setattr(device, "_runtime_ready", False)
-    monkeypatch.setattr(device, "_import_npu_stack", lambda: None)
-    with pytest.raises(RuntimeError, match="no voxel-pooling op"):
+    monkeypatch.setattr(device, "import_npu_stack", lambda: None)
+    with pytest.raises(RuntimeError, match="has no npu_voxel_pooling_train"):
         device.setup_runtime()
 
 
@@ -303,7 +304,7 @@ def test_fused_samples_split_when_a_call_would_pass_the_element_limit(mx, monkey
     the (equally lowered) limit the double enforces."""
     grid = [12, 10, 1]
     limit = 2 * 12 * 10 * 16
-    monkeypatch.setattr(device, "NPU_FUSED_MAX_ELEMENTS", limit)
+    monkeypatch.setattr(npu_pooling, "NPU_FUSED_MAX_ELEMENTS", limit)
     monkeypatch.setitem(double.FUSED_LIMITS, "elements", limit)
     geom, depth, context = helpers.lss_case(4, 2, 6, 3, 5, 16, seed=24, grid=grid, margin=8)
     out, npu_depth, npu_context = fused_npu(geom, depth, context, grid)
@@ -325,27 +326,27 @@ def test_fused_without_a_point_in_the_grid_makes_no_call(mx) -> None:
 
 
 def test_fused_chunks_stay_inside_the_limits_at_large_shapes() -> None:
-    limit = device.NPU_FUSED_MAX_ELEMENTS
+    limit = npu_pooling.NPU_FUSED_MAX_ELEMENTS
     for shape in [(8, 6, 112, 16, 44, 80, 128, 128), (8, 6, 112, 40, 100, 80, 128, 128),
                   (64, 6, 112, 32, 88, 360, 512, 512), (2, 6, 112, 16, 44, 1000, 1500, 1500)]:
         batch, cams, bins, height, width, channels, grid_x, grid_y = shape
-        batch_step, channel_step, padded = device.npu_fused_pooling_chunks(*shape)
+        batch_step, channel_step, padded = npu_pooling.fused_pooling_chunks(*shape)
         assert padded % 8 == 0 and channel_step % 8 == 0 and 8 <= channel_step <= 360
         assert 1 <= batch_step <= batch
         assert batch_step * grid_x * grid_y * channel_step <= limit  # the output
         assert batch_step * cams * height * width * channel_step <= limit  # feat rows x C
         assert batch_step * cams * bins * height * width < limit  # depth, int32 ranks
-    assert device.npu_fused_pooling_chunks(8, 6, 112, 16, 44, 80, 128, 128) == (8, 80, 80)
+    assert npu_pooling.fused_pooling_chunks(8, 6, 112, 16, 44, 80, 128, 128) == (8, 80, 80)
     with pytest.raises(ValueError, match="--pooling product"):
-        device.npu_fused_pooling_chunks(1, 6, 112, 16, 44, 80, 20000, 20000)
+        npu_pooling.fused_pooling_chunks(1, 6, 112, 16, 44, 80, 20000, 20000)
 
 
 def test_fused_op_is_found_in_v7_and_missing_in_v6(monkeypatch) -> None:
     double.install(monkeypatch, "v7")
-    assert device.npu_fused_pooling_op()[1] == "mx_driving.bev_pool_v3"
+    assert npu_pooling.fused_op()[1] == "mx_driving.bev_pool_v3"
     double.install(monkeypatch, "v6")
     with pytest.raises(RuntimeError, match="branch_v7.0.RC1") as raised:
-        device.npu_fused_pooling_op()
+        npu_pooling.fused_op()
     assert "--pooling product" in str(raised.value)
 
 

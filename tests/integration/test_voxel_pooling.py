@@ -21,6 +21,7 @@ helpers.require_env()
 torch = pytest.importorskip("torch")
 
 from bevdepth.ops import voxel_pooling as vp  # noqa: E402
+from bevdepth.ops.voxel_pooling import npu as npu_pooling  # noqa: E402
 from bevdepth.utils import device  # noqa: E402
 
 GRID = [10, 8, 2]
@@ -160,7 +161,7 @@ def test_inference_default_chunk_is_bounded_at_r50_shapes(monkeypatch) -> None:
 
 def test_npu_chunks_respect_grid_elements() -> None:
     """A 1000x1000 grid leaves room for 100 channels and one sample per call."""
-    batch_step, point_step, channel_step = device.npu_pooling_chunks(4, 10 ** 6, 256, 1000,
+    batch_step, point_step, channel_step = npu_pooling.pooling_chunks(4, 10 ** 6, 256, 1000,
                                                                      1000, 1)
     assert channel_step == 100 and batch_step == 1 and point_step == 100_000
-    assert batch_step * 1000 * 1000 * channel_step <= device.NPU_POOLING_MAX_ELEMENTS
+    assert batch_step * 1000 * 1000 * channel_step <= npu_pooling.NPU_POOLING_MAX_ELEMENTS
