@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from bevdepth_npu import paths, pins, upstream
+from bevdepth_npu import devices, envvars, paths, pins, upstream
 from bevdepth_npu.errors import UserError
 from bevdepth_npu.fsutil import atomic_write
 from bevdepth_npu.patchfile import split
@@ -39,7 +39,6 @@ TORCHVISION = "torchvision==0.16.0"
 BUILD_TOOLS = ("setuptools==69.5.1", "wheel==0.43.0", "ninja==1.11.1.1")
 # Installed without their own requirements (see requirements.txt for why)
 NO_DEPS = ("lyft_dataset_sdk==0.0.8",)
-DEVICES = ("auto", "cpu", "cuda", "npu")
 STAMP = "bevdepth-npu-env.json"
 IMPORT_CHECK = "import mmcv.ops, mmdet3d, pytorch_lightning, bevdepth"
 # torch_npu, then mx_driving, in the order training imports them; prints where the op lives
@@ -51,18 +50,6 @@ NPU_OP_CHECK = ("from bevdepth.utils import device\n"
                 "+ npu.NPU_POOLING_OP_RELEASE)\n"
                 "print(npu.pooling_op()[1])")
 log = upstream.log
-
-
-def detect_device() -> str:
-    """npu where the Ascend toolkit is set up, cuda where an NVIDIA driver answers, else cpu."""
-    if os.environ.get("ASCEND_TOOLKIT_HOME") or os.environ.get("ASCEND_HOME_PATH") \
-            or shutil.which("npu-smi"):
-        return "npu"
-    smi = shutil.which("nvidia-smi")
-    if smi and subprocess.run([smi, "-L"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL).returncode == 0:
-        return "cuda"
-    return "cpu"
 
 
 def _sha(*parts: object) -> str:
@@ -352,7 +339,7 @@ def fetch_missing(mirror_entries: Optional[List[str]] = None) -> None:
 def build(device: str = "auto", venv: Optional[Path] = None, python: Optional[str] = None,
           rebuild: Optional[List[str]] = None, verbose: bool = False,
           mirrors: Optional[List[str]] = None) -> Path:
-    device = detect_device() if device == "auto" else device
+    device = devices.choose(device)
     venv = (venv or paths.venv_dir(device)).expanduser().resolve()
     env = Env(venv, device, python or sys.executable, verbose)
     fetch_missing(mirrors)
@@ -385,9 +372,9 @@ def build(device: str = "auto", venv: Optional[Path] = None, python: Optional[st
 # ----------------------------------------------------------------------------- command line
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=DEVICES, default="auto",
-                   help="stack to build: auto (npu if the Ascend toolkit is set up, cuda if "
-                        "nvidia-smi answers, else cpu)")
+    p.add_argument("--device", choices=devices.CHOICES, default="auto",
+                   help=f"stack to build: auto ({envvars.DEVICE} if set, else npu if the Ascend "
+                        "toolkit is set up, cuda if nvidia-smi answers, else cpu)")
     p.add_argument("--venv", type=Path, metavar="DIR",
                    help="where to build it (default: <cache>/venvs/<device>-py<X.Y>)")
     p.add_argument("--python", metavar="EXE",

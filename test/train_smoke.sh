@@ -6,10 +6,10 @@
 #
 # Usage:  bash test/train_smoke.sh [--name=value ...] [--verbose] [-- EXPERIMENT ARGS...]
 #         bash test/train_smoke.sh --help        (every setting, its variable and default)
-# The run is `bevdepth-npu run smoke` (bevdepth_npu/run/), started with $PYTHON, else python3;
-# it continues in the environment's interpreter.
+# The run is `bevdepth-npu run smoke` (bevdepth_npu/run/), started with python3; it continues in
+# the environment's interpreter (--python=PATH or BEVDEPTH_NPU_PYTHON: an existing one).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 [[ -d $root/bevdepth_npu ]] || { echo "error: $root is not a bevdepth-npu checkout" >&2; exit 1; }
 export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
-exec "${PYTHON:-python3}" -m bevdepth_npu run smoke --launcher "$root/test/train_smoke.sh" "$@"
+exec python3 -m bevdepth_npu run smoke --launcher "$root/test/train_smoke.sh" "$@"

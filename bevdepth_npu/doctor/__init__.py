@@ -32,13 +32,13 @@ import os
 import sys
 from pathlib import Path
 
+from bevdepth_npu import devices
 from bevdepth_npu.doctor.report import Report, Skip
 
-DEVICES = ("auto", "npu", "cuda", "cpu")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=DEVICES, default="auto",
+    p.add_argument("--device", choices=devices.CHOICES, default="auto",
                    help="device to check: auto (npu, then cuda, then cpu, as training picks), "
                         "or one of them (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
@@ -57,9 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _environment_python(device: str) -> Path:
-    from bevdepth_npu import envbuild, paths
-    kind = envbuild.detect_device() if device == "auto" else device
-    return paths.venv_dir(kind) / "bin" / "python"
+    from bevdepth_npu import paths
+    return paths.venv_dir(devices.choose(device)) / "bin" / "python"
 
 
 def run(args: argparse.Namespace) -> int:

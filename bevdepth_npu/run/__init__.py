@@ -4,10 +4,13 @@ the training, evaluation and smoke runs that test/*.sh launch.
     bevdepth-npu run full --cards=8 --epochs=24            # what bash test/train_full_8p.sh does
     bevdepth-npu run smoke --help                          # every setting, with its default
 
-Modules: settings (the settings dataclass and its command line), runner (the steps of each
-mode), stages (a subprocess with its log), console (stage and progress lines), report (the
-summary and the metrics table), smoke (environment and dataset of the smoke run). The run
-record and the run directory layout are bevdepth_npu/runrecord.py, shared with summarize.
+Modules: settings (the settings dataclass and its command line), runner (the entry point:
+settings, the stack's interpreter, the mode's run), core (what every mode shares: run
+directory, record, training and evaluation stages, summary, report), one module per mode:
+train (full, performance), evaluate (eval), smoke (environment, dataset and the smoke run);
+stages (a subprocess with its log), console (stage and progress lines), report (the summary and
+the metrics table). The run record and the run directory layout are bevdepth_npu/runrecord.py,
+shared with summarize.
 """
 from __future__ import annotations
 

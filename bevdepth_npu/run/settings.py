@@ -2,8 +2,10 @@
 the command line that fills it.
 
 Every setting is a flag (``--batch-size=8`` or ``--batch-size 8``) or an environment variable
-(``BATCH_SIZE=8``, the name in capitals); a flag wins over the variable, the variable over the
-default. Values are checked with the validators of bevdepth_npu/argtypes.py before anything
+(``BEVDEPTH_NPU_BATCH_SIZE=8``; the names are made in bevdepth_npu/envvars.py, where a few
+settings keep another tool's variable, ``MASTER_ADDR`` say); a flag wins over the variable, the
+variable over the default. The bare names earlier releases read (``BATCH_SIZE``, ``SEED``, ...)
+are ignored, with one line each saying what to use. Values are checked with the validators of bevdepth_npu/argtypes.py before anything
 runs; a bad one stops the command with exit status 1 and a message naming the setting.
 Arguments after ``--`` go to the experiment unchanged.
 
@@ -19,6 +21,7 @@ import re
 import textwrap
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from bevdepth_npu import devices, envvars
 from bevdepth_npu.argtypes import int_range, non_negative_int, positive_float, positive_int
 
 MODES = ("full", "performance", "eval", "smoke")
@@ -39,7 +42,8 @@ class Settings:
     precision: str = "16"                # fp16 AMP as the recipe; CPU falls back to 32
     data_root: str = "data/nuScenes"     # relative to the BEVDepth checkout
     exp: str = R50_EXP                   # relative to the BEVDepth checkout
-    device: Optional[str] = None         # None: what BEVDepth's device module picks
+    device: Optional[str] = None         # None: bevdepth_npu.devices.choose decides
+    pooling: str = "product"             # the experiments' --pooling; product is upstream's
     nnodes: int = 1
     node_rank: int = 0
     master_addr: Optional[str] = None    # needed with several nodes
@@ -130,7 +134,7 @@ class Option:
 
     @property
     def env(self) -> str:
-        return self.name.upper()
+        return envvars.setting_variable(self.name)
 
 
 _TEXT = str
@@ -144,10 +148,14 @@ OPTIONS: Tuple[Option, ...] = (
     Option("precision", choice("16", "32", "bf16"), "16|32|bf16", "16: fp16 AMP (CPU: 32)"),
     Option("data_root", _TEXT, "DIR", "nuScenes with info files, relative to BEVDepth"),
     Option("exp", _TEXT, "FILE", "experiment file, relative to BEVDepth"),
-    Option("device", choice("npu", "cuda", "cpu"), "npu|cuda|cpu",
-           "device type (default: what BEVDepth detects)"),
+    Option("device", choice(*devices.DEVICES), "|".join(devices.DEVICES),
+           "device type (default: npu where the Ascend toolkit is set up, cuda where "
+           "nvidia-smi answers, else cpu)"),
+    Option("pooling", choice("product", "fused"), "product|fused",
+           "voxel pooling of the experiment (fused: depth x context without their product, "
+           "see the README); the self-test checks the one the run uses"),
     Option("nnodes", positive_int, "N", "machines; run the same command on each"),
-    Option("node_rank", non_negative_int, "R", "this machine's rank, 0..NNODES-1"),
+    Option("node_rank", non_negative_int, "R", "this machine's rank, 0 to --nnodes minus 1"),
     Option("master_addr", _TEXT, "HOST", "address of the node with rank 0 (several nodes)"),
     Option("master_port", int_range(1, 65535), "PORT", "a free port there, the same on all"),
     Option("ascend_device_id", non_negative_int, "N", "output subdirectory (ModelZoo)"),
@@ -158,7 +166,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("warmup_steps", non_negative_int, "N", "first steps left out of the speed figures"),
     Option("eval_cards", positive_int, "N", "devices of the evaluation after training"),
     Option("eval_batch_size", positive_int, "N",
-           "samples per device of that evaluation (default: BATCH_SIZE)"),
+           "samples per device of that evaluation (default: --batch-size)"),
     Option("doctor", switch_value, "0|1",
            "1: run the self-test (`bevdepth-npu doctor --quick`) before training and stop on a "
            "FAIL; 0: skip it"),
@@ -190,7 +198,7 @@ OPTIONS: Tuple[Option, ...] = (
 OPTION_BY_NAME = {option.name: option for option in OPTIONS}
 
 _TRAIN = ("cards", "batch_size", "epochs", "learning_rate", "seed", "precision", "data_root",
-          "exp", "device", "nnodes", "node_rank", "master_addr", "master_port",
+          "exp", "device", "pooling", "nnodes", "node_rank", "master_addr", "master_port",
           "ascend_device_id", "output_root", "network", "ckpt_every_n_steps", "warmup_steps")
 _TAIL = ("python", "bevdepth_root", "device_type", "verbose")
 MODE_OPTIONS: Dict[str, Tuple[str, ...]] = {
@@ -198,16 +206,18 @@ MODE_OPTIONS: Dict[str, Tuple[str, ...]] = {
                       "resume", "fresh") + _TAIL,
     "performance": _TRAIN + ("bind_cores", "doctor", "resume", "fresh") + _TAIL,
     "eval": ("ckpt", "weights", "cards", "batch_size", "epochs", "learning_rate", "seed",
-             "precision", "data_root", "exp", "device", "ascend_device_id", "output_root",
+             "precision", "data_root", "exp", "device", "pooling", "ascend_device_id",
+             "output_root",
              "network", "warmup_steps") + _TAIL,
     "smoke": ("steps", "batch_size", "learning_rate", "num_workers", "threads", "device",
-              "python", "data_dir", "scenes", "samples_per_scene", "synth_seed",
+              "pooling", "python", "data_dir", "scenes", "samples_per_scene", "synth_seed",
               "warmup_steps", "exp", "ascend_device_id", "output_root", "verbose"),
 }
 # The smoke run's own wording (and, for the device, values) of some options.
 SMOKE_OPTIONS = {option.name: option for option in (
-    Option("device", choice("auto", "cpu", "cuda", "npu"), "auto|cpu|cuda|npu",
-           "environment and training device (auto: npu, cuda, else cpu)"),
+    Option("device", choice(*devices.CHOICES), "|".join(devices.CHOICES),
+           "environment and training device (auto: npu where the Ascend toolkit is set up, "
+           "cuda where nvidia-smi answers, else cpu)"),
     Option("python", _TEXT, "PATH", "interpreter of an existing environment; skips "
            "`bevdepth-npu env` (default: the environment it builds or reuses)"),
     Option("batch_size", positive_int, "N", "samples per step, training and evaluation"),
@@ -216,7 +226,7 @@ SMOKE_OPTIONS = {option.name: option for option in (
 )}
 
 DESCRIPTIONS = {
-    "full": "Accuracy run: train on CARDS devices per node, evaluate the last checkpoint on "
+    "full": "Accuracy run: train on --cards devices per node, evaluate the last checkpoint on "
             "the val split, write the ModelZoo summary.",
     "performance": "Performance run: train (1 epoch by default) and report samples/s "
                    "(ActualFPS, warm-up excluded), images/s and the loss.",
@@ -263,7 +273,7 @@ def build_parser(mode: str, prog: str) -> argparse.ArgumentParser:
         usage=f"{prog} [--name=value ...]{' [--fresh]' if mode in ('full', 'performance') else ''}"
               " [--verbose] [-- EXPERIMENT ARGS...]",
         description=textwrap.fill(DESCRIPTIONS[mode] + " Settings are flags or environment "
-                                  "variables (the name in capitals); flags win.", 95),
+                                  "variables (in brackets); flags win.", 95),
         epilog=EPILOG.format(both=both))
     defaults = dict(dataclasses.asdict(Settings()), **MODE_DEFAULTS[mode])
     for option in options(mode):
@@ -281,20 +291,35 @@ def build_parser(mode: str, prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+def environment_notices(environ: Dict[str, str]) -> List[str]:
+    """Lines about the variables of ``environ`` that are old names (see envvars)."""
+    return (envvars.ignored_lines(tuple(OPTION_BY_NAME), environ)
+            + envvars.old_name_lines(environ))
+
+
 def parse(mode: str, argv: Sequence[str], prog: Optional[str] = None,
-          environ: Optional[Dict[str, str]] = None) -> Settings:
+          environ: Optional[Dict[str, str]] = None,
+          notice: Optional[Callable[[str], None]] = None) -> Settings:
     """Settings of ``mode`` from the command line ``argv`` and the environment.
 
-    Raises SettingsError for a bad setting; ``--help`` prints the help and exits 0.
+    Raises SettingsError for a bad setting; ``--help`` prints the help and exits 0. Old names
+    of variables set in ``environ`` are reported to ``notice`` first, one line each (before
+    the help, which they do not change).
     """
     if mode not in MODES:
         raise SettingsError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     environ = os.environ if environ is None else environ
+    for line in environment_notices(dict(environ)):
+        if notice is not None:
+            notice(line)
     argv = list(argv)
     experiment_args: List[str] = []
     if "--" in argv:
         cut = argv.index("--")
         argv, experiment_args = argv[:cut], argv[cut + 1:]
+    if any(arg == "--pooling" or arg.startswith("--pooling=") for arg in experiment_args):
+        raise SettingsError("--pooling is a setting of the run (before --): the self-test "
+                            "checks the pooling the run trains with")
     parser = build_parser(mode, prog or f"bevdepth-npu run {mode}")
     given, unknown = parser.parse_known_args(argv)
     for arg in unknown:
