@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from bench import harness
+from bevdepth_npu import envvars
 
 NAME = "data"
 TITLE = "data pipeline: precomputed depth against on-the-fly lidar projection"
@@ -324,7 +325,7 @@ def run(ctx: harness.Context) -> harness.BenchResult:
     all_workers = harness.usable_cores()
     worker_counts = sorted({1, all_workers})
     roots = {"precomputed": root, "on-the-fly": mirror, "upstream": mirror}
-    patched = ctx.worker(harness.ROLE_PATCHED, "data-patched", env={"BEVDEPTH_DEVICE": "cpu"})
+    patched = ctx.worker(harness.ROLE_PATCHED, "data-patched", env={envvars.DEVICE: "cpu"})
     upstream = ctx.worker(harness.ROLE_UPSTREAM_CPU, "data-upstream")
     workers = {"precomputed": patched, "on-the-fly": patched, "upstream": upstream}
     loader_rows: List[List[Any]] = []

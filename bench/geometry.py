@@ -21,6 +21,7 @@ import types
 from typing import Any, Dict, List
 
 from bench import harness
+from bevdepth_npu import envvars
 
 NAME = "geometry"
 TITLE = "get_geometry: upstream 7-D matmul, Ascend-style loop, port"
@@ -125,7 +126,7 @@ def run(ctx: harness.Context) -> harness.BenchResult:
         result.notes.append("torch sees no CUDA device: CPU rows only")
     upstream = ctx.worker(harness.ROLE_UPSTREAM_CPU, "geometry-upstream")
     patched = ctx.worker(harness.ROLE_PATCHED, "geometry-patched",
-                         env={"BEVDEPTH_DEVICE": "cpu"})
+                         env={envvars.DEVICE: "cpu"})
     try:
         for device in devices:
             for batch in BATCHES:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from bench import harness
+from bevdepth_npu import envvars
 
 NAME = "gpu"
 TITLE = "CUDA: patched against upstream with its own kernels, batch 8, fp16"
@@ -175,7 +176,7 @@ def run(ctx: harness.Context) -> harness.BenchResult:
         upstream_role, upstream_source = harness.ROLE_UPSTREAM_CUDA, upstream_with_extensions(ctx)
     scratch = ctx.work_dir / "gpu"
     params = dict(device=device, amp=not dry_run, batch=batch)
-    patched = ctx.worker(harness.ROLE_PATCHED, "gpu-patched", env={"BEVDEPTH_DEVICE": device})
+    patched = ctx.worker(harness.ROLE_PATCHED, "gpu-patched", env={envvars.DEVICE: device})
     upstream = ctx.worker(upstream_role, "gpu-upstream", upstream_source=upstream_source)
     try:
         info = {"patched": patched.setup("r50", "bench.gpu:make_case", dict(

@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from bevdepth_npu import devices
 from bevdepth_npu.fsutil import atomic_write
 from bevdepth_npu.argtypes import positive_float, positive_int
 from bevdepth_npu.steplog import STEPS_FILE, read_steps
@@ -80,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate per sample; times the batch size (default %(default)s)")
     p.add_argument("--synth-seed", type=int, default=DEFAULT_SYNTH_SEED,
                    help="seed of the synthetic dataset (default %(default)s)")
-    p.add_argument("--device", choices=("cpu", "cuda", "npu"),
-                   help="training device (default: what BEVDepth picks: npu, cuda, else cpu)")
+    p.add_argument("--device", choices=devices.CHOICES, default=devices.AUTO,
+                   help="training device (default: auto, the rule of bevdepth_npu/devices.py)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="data loader processes (default: 1 on cpu, 4 otherwise)")
     p.add_argument("--threads", type=positive_int, default=None,
@@ -187,9 +188,7 @@ class Check:
         if not self.exp.is_file():
             raise CheckError(f"{self.exp} is missing: {self.bevdepth_root} is not the patched "
                              "BEVDepth tree")
-        self.device = args.device or _query(
-            self.python, "from bevdepth.utils import device; print(device.device_type())",
-            self.env)
+        self.device = devices.choose(args.device)
         self.workers = (args.num_workers if args.num_workers is not None
                         else (1 if self.device == "cpu" else 4))
         if self.device == "cpu":

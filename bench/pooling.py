@@ -41,6 +41,7 @@ import types
 from typing import Any, Dict, List
 
 from bench import harness
+from bevdepth_npu import envvars
 
 NAME = "pooling"
 TITLE = "voxel pooling: torch path against a memory floor; chunked against unchunked"
@@ -272,7 +273,7 @@ def _peaks(ctx: harness.Context) -> Dict[str, Dict[str, Any]]:
     memory worker."""
     peaks: Dict[str, Dict[str, Any]] = {}
     worker = ctx.worker(harness.ROLE_PATCHED, "pooling-memory",
-                        env={"BEVDEPTH_DEVICE": "cpu", **MEMORY_ENV})
+                        env={envvars.DEVICE: "cpu", **MEMORY_ENV})
     try:
         for stage, variants in STAGES:
             samples, _ = _stage_samples(ctx, worker, stage, variants, 3, 1)
@@ -296,7 +297,7 @@ def run(ctx: harness.Context) -> harness.BenchResult:
     times: Dict[str, Any] = {}
     lift_diff: Dict[str, float] = {}
     diffs: Dict[str, Any] = {}
-    worker = ctx.worker(harness.ROLE_PATCHED, "pooling", env={"BEVDEPTH_DEVICE": "cpu"})
+    worker = ctx.worker(harness.ROLE_PATCHED, "pooling", env={envvars.DEVICE: "cpu"})
     try:
         for stage, variants in STAGES:
             times[stage] = _stage_samples(ctx, worker, stage, variants, repeats, ctx.warmup)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from bench import harness
+from bevdepth_npu import envvars
 
 NAME = "train"
 TITLE = "training step on CPU: patched (product, fused) against upstream (smoke, R50, 512x1408)"
@@ -159,7 +160,7 @@ def run(ctx: harness.Context) -> harness.BenchResult:
                 if side == "upstream":
                     continue
                 workers[side] = ctx.worker(harness.ROLE_PATCHED, f"train-{name}-{side}",
-                                           env={"BEVDEPTH_DEVICE": "cpu"})
+                                           env={envvars.DEVICE: "cpu"})
                 write_spec = name == "smoke" and side == "product"
                 infos[side] = workers[side].setup(name, "bench.train_step:make_case", dict(
                     common, exp_module=module_name, root_dir=str(scratch / f"patched-{side}"),

@@ -98,3 +98,39 @@ def get(variable: str, environ: Mapping[str, str]) -> str:
         return value
     old = next((v.old_name for v in VARIABLES if v.name == variable and v.old_name), None)
     return environ.get(old, "") if old else ""
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def markdown_tables() -> str:
+    """The README's two tables: every setting of ``bevdepth-npu run`` (its flag, variable,
+    modes and default, from bevdepth_npu/run/settings.py), then the other variables above.
+    ``python -m bevdepth_npu.envvars`` prints them; a test holds the README to them."""
+    from bevdepth_npu.run import settings
+    lines = ["| flag | variable | modes | default | meaning |", "|---|---|---|---|---|"]
+    for option in settings.OPTIONS:
+        modes = [mode for mode in settings.MODES if option.name in settings.MODE_OPTIONS[mode]]
+        defaults = {mode: dict(dataclasses.asdict(settings.Settings()),
+                               **settings.MODE_DEFAULTS[mode]).get(option.name)
+                    for mode in modes}
+        first = defaults[modes[0]]
+        shown = "-" if first is None else str(first)
+        others = [f"{mode}: {'-' if value is None else value}"
+                  for mode, value in defaults.items() if value != first]
+        if others:
+            shown += f" ({'; '.join(others)})"
+        flag = option.flag if option.switch else f"{option.flag}={option.metavar}"
+        lines.append(f"| `{_cell(flag)}` | `{option.env}` | {', '.join(modes)} | "
+                     f"{_cell(shown)} | {_cell(option.help)} |")
+    lines += ["", "| variable | read by | meaning |", "|---|---|---|"]
+    for variable in VARIABLES:
+        old = f" (earlier `{variable.old_name}`, still read)" if variable.old_name else ""
+        lines.append(f"| `{variable.name}` | {variable.read_by} | "
+                     f"{_cell(variable.meaning)}{old} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_tables(), end="")

@@ -9,14 +9,16 @@
 # mirror) it runs the tests that need none, in a small venv, and the others skip with a reason.
 # pip's own output goes to <venv>/bevdepth-npu-logs/test-requirements.log (shown if it fails).
 #
-# Settings (environment variables):
-#   DEVICE=cpu|cuda|npu|auto   environment to test in (default: cpu)
-#   PYTHON=python3             interpreter that runs bevdepth-npu and seeds the venv
+# Settings (environment variables, the project's names: see bevdepth_npu/envvars.py):
+#   BEVDEPTH_NPU_DEVICE=cpu|cuda|npu|auto   environment to test in (default here: cpu; `env`
+#                                           checks the name)
+#   BEVDEPTH_NPU_PYTHON=python3             interpreter that runs bevdepth-npu, seeds the venv
+# The quick loop (no builds, trainings or upstream runs; a few minutes):
+#   bash tests/run.sh -m "not slow"
 set -euo pipefail
 
-DEVICE=${DEVICE:-cpu}
-PYTHON=${PYTHON:-python3}
-case "$DEVICE" in cpu|cuda|npu|auto) ;; *) echo "tests/run.sh: DEVICE=$DEVICE: use cpu, cuda, npu or auto" >&2; exit 1 ;; esac
+DEVICE=${BEVDEPTH_NPU_DEVICE:-cpu}
+PYTHON=${BEVDEPTH_NPU_PYTHON:-python3}
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # quiet_pip VENV [PACKAGES...]: requirements-test.txt (and PACKAGES) into VENV; pip's resolver

@@ -28,10 +28,11 @@ def test_defaults_of_each_mode():
 
 
 def test_flags_environment_and_experiment_arguments():
-    environ = {"CARDS": "4", "BATCH_SIZE": "2", "EVAL_BATCH_SIZE": "", "FRESH": "1"}
+    environ = {"BEVDEPTH_NPU_CARDS": "4", "BEVDEPTH_NPU_BATCH_SIZE": "2",
+               "BEVDEPTH_NPU_EVAL_BATCH_SIZE": "", "BEVDEPTH_NPU_FRESH": "1"}
     s = parse("full", ["--cards=2", "--epochs", "3", "--", "--num_workers", "0", "--cards=9"],
               environ=environ)
-    assert s.cards == 2               # the flag wins over CARDS
+    assert s.cards == 2               # the flag wins over BEVDEPTH_NPU_CARDS
     assert s.batch_size == 2 and s.epochs == 3
     assert s.eval_batch == 2          # an empty variable is unset
     assert s.fresh and s.resume == "none"
@@ -58,11 +59,16 @@ def test_flags_environment_and_experiment_arguments():
     ("performance", ["--eval-cards=1"], {}, "unknown option --eval-cards=1"),
     ("eval", ["--fresh"], {}, "unknown option --fresh"),
     ("eval", ["--cards=two"], {}, "expected an integer, got 'two'"),
-    ("full", [], {"CARDS": "0"}, "CARDS=0 (environment): must be at least 1, got 0"),
-    ("full", [], {"FRESH": "yes"}, "FRESH=yes (environment): must be 0 or 1"),
-    ("full", [], {"DEVICE": "auto"}, "DEVICE=auto (environment): must be one of: npu cuda cpu"),
+    ("full", [], {"BEVDEPTH_NPU_CARDS": "0"},
+     "BEVDEPTH_NPU_CARDS=0 (environment): must be at least 1, got 0"),
+    ("full", [], {"BEVDEPTH_NPU_FRESH": "yes"},
+     "BEVDEPTH_NPU_FRESH=yes (environment): must be 0 or 1"),
+    ("full", [], {"BEVDEPTH_NPU_DEVICE": "auto"},
+     "BEVDEPTH_NPU_DEVICE=auto (environment): must be one of: npu cuda cpu"),
+    ("full", ["--", "--pooling", "fused"], {}, "--pooling is a setting of the run"),
+    ("full", ["--pooling=sum"], {}, "must be one of: product fused, got 'sum'"),
     ("smoke", ["--steps=0"], {}, "argument --steps: must be at least 1, got 0"),
-    ("smoke", ["--device=tpu"], {}, "must be one of: auto cpu cuda npu, got 'tpu'"),
+    ("smoke", ["--device=tpu"], {}, "must be one of: auto npu cuda cpu, got 'tpu'"),
     ("smoke", ["--steps=5"], {}, "--warmup-steps=5 must be below --steps=5"),
     ("smoke", ["--scenes=1"], {}, "argument --scenes: must be at least 2, got 1"),
 ])
@@ -80,7 +86,8 @@ def test_help_lists_every_setting_with_its_variable(capsys):
     assert out.startswith("usage: bash test/train_full_8p.sh [--name=value ...] [--fresh]")
     for option in settings.options("full"):
         assert option.flag in out and f"[{option.env}" in out
-    assert "--cards=N" in out and "after --" in out and "[CARDS, default 8]" in out
+    assert "--cards=N" in out and "after --" in out and "[BEVDEPTH_NPU_CARDS, default 8]" in out
+    assert "[MASTER_ADDR]" in out and "[NODE_RANK" in out   # the names torch reads
     assert "--launcher" not in out
 
 
@@ -97,10 +104,24 @@ def test_the_launcher_is_remembered():
     assert s.launcher == "test/eval_bevdepth.sh" and s.ckpt == "x"
 
 
-@pytest.mark.parametrize("args, pooling", [
-    ([], "product"), (["--pooling", "fused"], "fused"), (["--pooling=fused"], "fused"),
-    (["--pooling", "fused", "--pooling=product"], "product"), (["--num_workers", "0"], "product"),
-])
-def test_the_self_test_follows_the_experiments_pooling(args, pooling):
-    from bevdepth_npu.run.runner import experiment_pooling
-    assert experiment_pooling(args) == pooling
+def test_bare_old_names_are_ignored_with_one_line_each_and_old_prefixed_names_noted():
+    lines = []
+    s = parse("full", [], environ={"SEED": "abc", "CARDS": "x", "PYTHON": "/nonexistent",
+                                   "BEVDEPTH_NPU_SEED": "3", "BEVDEPTH_DEVICE": "cpu",
+                                   "HOME": "/root"}, notice=lines.append)
+    assert (s.seed, s.cards, s.python) == (3, 8, None)   # SEED, CARDS, PYTHON not read
+    assert sorted(line.split()[0] for line in lines) == \
+        ["BEVDEPTH_DEVICE", "CARDS", "PYTHON", "SEED"]
+    assert any(line.startswith("SEED is set but not read") and "--seed= or BEVDEPTH_NPU_SEED"
+               in line for line in lines)
+    assert any("old name of BEVDEPTH_NPU_DEVICE" in line for line in lines)
+    quiet = []
+    parse("full", [], environ={"BEVDEPTH_NPU_SEED": "3", "MASTER_ADDR": "h"}, notice=quiet.append)
+    assert quiet == []
+
+
+def test_pooling_is_a_setting_of_every_mode():
+    for mode in settings.MODES:
+        assert parse(mode, ["--pooling=fused"], environ={}).pooling == "fused"
+        assert parse(mode, [], environ={"BEVDEPTH_NPU_POOLING": "fused"}).pooling == "fused"
+        assert parse(mode, [], environ={}).pooling == "product"
