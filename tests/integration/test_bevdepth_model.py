@@ -2,7 +2,8 @@
 families, EMA and the -p (predict) mode, on CPU against the patched tree in the bevdepth-npu env.
 
 Checked:
-  - bevdepth/utils/device.py: selection (BEVDEPTH_DEVICE, --device, automatic), fp32 regions under
+  - bevdepth/utils/device.py: selection (BEVDEPTH_NPU_DEVICE, its old name BEVDEPTH_DEVICE,
+    --device, automatic), fp32 regions under
     autocast, the optimizer, DDP backend and Lightning 1.6.5 arguments for CPU (precision 16
     falls back to 32 with one warning), tensor moves; that no file of the patched tree but the
     device module and the NPU pooling module (bevdepth/ops/voxel_pooling/npu.py) imports
@@ -62,6 +63,7 @@ def fresh_device(monkeypatch):
     monkeypatch.setattr(device, "_selected", None)
     monkeypatch.setattr(device, "_warned_precision", False)
     monkeypatch.delenv(device.ENV_VAR, raising=False)
+    monkeypatch.delenv(device.OLD_ENV_VAR, raising=False)
     return device
 
 
@@ -83,16 +85,38 @@ def test_environment_variable_and_flag(fresh_device, monkeypatch) -> None:
     assert fresh_device.device_type() == "cpu"
     monkeypatch.setattr(device, "_selected", None)
     monkeypatch.setenv(device.ENV_VAR, "tpu")
-    with pytest.raises(ValueError, match="BEVDEPTH_DEVICE='tpu'"):
+    with pytest.raises(ValueError, match="BEVDEPTH_NPU_DEVICE='tpu'"):
         fresh_device.device_type()
     monkeypatch.setattr(device, "_selected", None)
     monkeypatch.setenv(device.ENV_VAR, "cuda")
-    with pytest.raises(RuntimeError, match="BEVDEPTH_DEVICE=cuda"):
+    with pytest.raises(RuntimeError, match="BEVDEPTH_NPU_DEVICE=cuda"):
         fresh_device.device_type()
     with pytest.raises(RuntimeError, match="--device=npu"):
         fresh_device.select("npu")
     assert fresh_device.select("cpu") == "cpu"
     assert fresh_device.device_type() == "cpu"  # the flag wins over the environment
+
+
+def test_the_old_variable_name_is_read_with_a_warning(fresh_device, monkeypatch) -> None:
+    monkeypatch.setenv(device.OLD_ENV_VAR, "cpu")
+    with pytest.warns(UserWarning, match="BEVDEPTH_DEVICE is an old name of BEVDEPTH_NPU_DEVICE"):
+        assert fresh_device.device_type() == "cpu"
+
+
+def test_both_sides_name_the_devices_and_variables_alike() -> None:
+    """The patched tree cannot import bevdepth_npu; its device module spells the device names
+    and the variables itself, and they must be the helper's (bevdepth_npu/devices.py,
+    envvars.py), or the run layer and the experiment would decide differently."""
+    from bevdepth.utils import core_binding
+    from bevdepth_npu import devices, envvars
+    assert device.DEVICE_TYPES == devices.DEVICES
+    assert (device.ENV_VAR, device.OLD_ENV_VAR) == (envvars.DEVICE, "BEVDEPTH_DEVICE")
+    assert core_binding.BIND_ENV_VAR == envvars.BIND_CORES
+    assert core_binding.ALLOWED_CORES_ENV_VAR == envvars.ALLOWED_CORES
+    old = {v.name: v.old_name for v in envvars.VARIABLES}
+    assert old[envvars.DEVICE] == device.OLD_ENV_VAR
+    assert old[envvars.BIND_CORES] == core_binding.OLD_BIND_ENV_VAR
+    assert old[envvars.ALLOWED_CORES] == core_binding.OLD_ALLOWED_CORES_ENV_VAR
 
 
 def test_setup_runtime_is_explicit_and_idempotent(fresh_device, monkeypatch) -> None:

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(
 def run_probe(out: Path, *args: str, env=None) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
     full_env = {k: v for k, v in os.environ.items()
-                if k not in ("BEVDEPTH_BIND_CORES", "BEVDEPTH_ALLOWED_CORES")}
+                if k not in ("BEVDEPTH_NPU_BIND_CORES", "BEVDEPTH_NPU_ALLOWED_CORES",
+                              "BEVDEPTH_BIND_CORES", "BEVDEPTH_ALLOWED_CORES")}
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, str(PROBE), str(out), *args], env=full_env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)

@@ -8,11 +8,13 @@ Checked:
     Import hooks record it; the stand-ins do what torch_npu and mx_driving do at import and offer
     the torch.npu calls the device module makes (torch_npu/npu/__init__.py);
   - a missing mx_driving stops start-up with the release to install;
-  - core binding (BEVDEPTH_BIND_CORES=1) in real Lightning DDP with two CPU processes: every
+  - core binding (BEVDEPTH_NPU_BIND_CORES=1) in real Lightning DDP with two CPU processes: every
     thread of each rank, including one started before binding, is on the rank's share of the
     cores; evaluation is never bound; nothing is bound by default;
   - CPU_AFFINITY_CONF is chosen from the installed torch_npu's version (2.1.0.post6: 1,
-    2.1.0.post10: 2, older: binding by the process itself), an exported value is kept;
+    2.1.0.post10: 2, older: binding by the process itself), an exported value is kept, and it
+    is set before start-up's first torch.npu call (torch_npu reads it when it initialises a
+    device: NPUAffinityController.cpp, from npu_sys_ctrl.cpp, at the release tag);
   - training_step hands the loader's very box tensors (host) to get_targets with the device, and
     the targets equal those built from boxes on the device.
 Run:
@@ -37,7 +39,7 @@ from tests.integration import _bevdepth_helpers as helpers
 helpers.require_env()
 torch = pytest.importorskip("torch")
 
-from bevdepth.utils import device  # noqa: E402
+from bevdepth.utils import core_binding, device  # noqa: E402
 
 PROBE = Path(__file__).resolve().parent / "scripts" / "lightning_probe.py"
 
@@ -59,14 +61,15 @@ class _TorchNpu(types.SimpleNamespace):
     def __init__(self, events: List[str]) -> None:
         super().__init__()
         self.config = _Config(events)
+        self.affinity_at_calls: List = []   # CPU_AFFINITY_CONF when each call was made
         for name, result in (("is_available", True), ("device_count", 8), ("current_device", 0),
                              ("set_device", None), ("synchronize", None)):
             setattr(self, name, self._recorder(events, name, result))
 
-    @staticmethod
-    def _recorder(events, name, result):
+    def _recorder(self, events, name, result):
         def call(*args, **kwargs):
             events.append(f"npu.{name}")
+            self.affinity_at_calls.append((name, os.environ.get("CPU_AFFINITY_CONF")))
             return result
         return call
 
@@ -117,6 +120,7 @@ def npu_stand_ins(monkeypatch):
         monkeypatch.setattr(device, "_mx_driving_error", None)
         monkeypatch.delenv("ASCEND_CUSTOM_OPP_PATH", raising=False)
         monkeypatch.delenv(device.ENV_VAR, raising=False)
+        monkeypatch.delenv(device.OLD_ENV_VAR, raising=False)
         return events
     yield install
     for name in _StandIns.NAMES:
@@ -147,7 +151,9 @@ def test_missing_mx_driving_stops_start_up_naming_the_release(npu_stand_ins) -> 
 def run_probe(out: Path, *args: str, env=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     full_env = {k: v for k, v in os.environ.items()
-                if k not in (device.BIND_ENV_VAR, device.ALLOWED_CORES_ENV_VAR)}
+                if k not in (core_binding.BIND_ENV_VAR, core_binding.ALLOWED_CORES_ENV_VAR,
+                             core_binding.OLD_BIND_ENV_VAR,
+                             core_binding.OLD_ALLOWED_CORES_ENV_VAR)}
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, str(PROBE), str(out), *args], env=full_env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
@@ -167,7 +173,7 @@ needs_two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
 @needs_two_cores
 def test_training_binds_every_thread_of_each_rank(tmp_path) -> None:
     allowed = sorted(os.sched_getaffinity(0))
-    run_probe(tmp_path, "--ddp", "2", env={device.BIND_ENV_VAR: "1"})
+    run_probe(tmp_path, "--ddp", "2", env={core_binding.BIND_ENV_VAR: "1"})
     fit = affinities(tmp_path, "fit")
     assert sorted(fit) == [0, 1]
     half = len(allowed) // 2
@@ -180,7 +186,8 @@ def test_training_binds_every_thread_of_each_rank(tmp_path) -> None:
 @needs_two_cores
 def test_evaluation_and_default_runs_are_not_bound(tmp_path) -> None:
     allowed = sorted(os.sched_getaffinity(0))
-    run_probe(tmp_path / "eval", "--ddp", "2", "--evaluate", env={device.BIND_ENV_VAR: "1"})
+    run_probe(tmp_path / "eval", "--ddp", "2", "--evaluate",
+              env={core_binding.BIND_ENV_VAR: "1"})
     run_probe(tmp_path / "free", "--ddp", "2")
     for threads in [*affinities(tmp_path / "eval", "validate").values(),
                     *affinities(tmp_path / "free", "fit").values()]:
@@ -188,16 +195,21 @@ def test_evaluation_and_default_runs_are_not_bound(tmp_path) -> None:
 
 
 def test_cores_for_rank_splits_the_allowed_cores() -> None:
-    assert device.cores_for_rank({0, 1, 2, 3, 4, 5, 6, 7}, 0, 4) == [0, 1]
-    assert device.cores_for_rank({0, 1, 2, 3, 4, 5, 6, 7}, 3, 4) == [6, 7]
-    assert device.cores_for_rank({4, 6, 8, 10}, 1, 2) == [8, 10]   # taskset-restricted
-    assert device.cores_for_rank({0}, 1, 2) == []                 # fewer cores than ranks
+    cores_for_rank = core_binding.cores_for_rank
+    assert cores_for_rank({0, 1, 2, 3, 4, 5, 6, 7}, 0, 4) == [0, 1]
+    assert cores_for_rank({0, 1, 2, 3, 4, 5, 6, 7}, 3, 4) == [6, 7]
+    assert cores_for_rank({4, 6, 8, 10}, 1, 2) == [8, 10]   # taskset-restricted
+    assert cores_for_rank({0}, 1, 2) == []                 # fewer cores than ranks
 
 
 def test_bad_binding_value_is_a_clear_error(monkeypatch) -> None:
-    monkeypatch.setenv(device.BIND_ENV_VAR, "yes")
-    with pytest.raises(ValueError, match="BEVDEPTH_BIND_CORES='yes'"):
-        device.binding_requested()
+    monkeypatch.setenv(core_binding.BIND_ENV_VAR, "yes")
+    with pytest.raises(ValueError, match="BEVDEPTH_NPU_BIND_CORES='yes'"):
+        core_binding.binding_requested()
+    monkeypatch.delenv(core_binding.BIND_ENV_VAR)
+    monkeypatch.setenv(core_binding.OLD_BIND_ENV_VAR, "1")   # the earlier name still works
+    with pytest.warns(UserWarning, match="old name of BEVDEPTH_NPU_BIND_CORES"):
+        assert core_binding.binding_requested() is (hasattr(os, "sched_setaffinity"))
 
 
 def _fake_torch_npu(root: Path, version: str) -> None:
@@ -218,16 +230,34 @@ def test_cpu_affinity_conf_follows_the_torch_npu_version(tmp_path, monkeypatch, 
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv("CPU_AFFINITY_CONF", raising=False)
     monkeypatch.delenv(device.ENV_VAR, raising=False)
-    assert device.torch_npu_affinity_mode() == mode
-    described = device._request_torch_npu_binding(None)
+    assert core_binding.torch_npu_affinity_mode() == mode
+    described = core_binding.request_torch_npu_binding(None)
     assert os.environ.get("CPU_AFFINITY_CONF") == mode
     assert described == (f"torch_npu CPU_AFFINITY_CONF={mode}" if mode else None)
     monkeypatch.delenv("CPU_AFFINITY_CONF", raising=False)
-    assert device._request_torch_npu_binding("cpu") is None  # a CPU run binds itself
+    assert core_binding.request_torch_npu_binding("cpu") is None  # a CPU run binds itself
     if mode:
         monkeypatch.setenv("CPU_AFFINITY_CONF", "1,npu0:0-3")
-        assert device._request_torch_npu_binding("npu") == \
+        assert core_binding.request_torch_npu_binding("npu") == \
             "torch_npu CPU_AFFINITY_CONF=1,npu0:0-3"
+
+
+@pytest.mark.parametrize("name", ["npu", None])
+def test_core_binding_is_set_before_the_first_device_call(npu_stand_ins, tmp_path, monkeypatch,
+                                                          name) -> None:
+    """torch_npu reads CPU_AFFINITY_CONF when it initialises a device, a queue thread or an
+    HCCL group (NPUAffinityController.cpp's parseCPUAffinityConf, from npu_sys_ctrl.cpp,
+    NPUQueue.cpp and ProcessGroupHCCL.cpp at v7.0.0-pytorch2.1.0), not at import: every
+    torch.npu call of start-up, the first included, must already see it."""
+    _fake_torch_npu(tmp_path, "2.1.0.post12")   # the version the binding mode follows
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("CPU_AFFINITY_CONF", raising=False)
+    monkeypatch.setenv(core_binding.BIND_ENV_VAR, "1")
+    events = npu_stand_ins()
+    assert device.start(name, bind=True) == device.NPU
+    calls = torch.npu.affinity_at_calls
+    assert calls and events.index("import torch_npu") < events.index(f"npu.{calls[0][0]}")
+    assert all(value == "2" for _, value in calls), calls
 
 
 # ---------------------------------------------------------------- targets from host boxes

@@ -153,8 +153,8 @@ def test_train_performance(cards, data, out, stack):
         script_dir = classic / "test"
     env = helpers.script_env(out / f"perf{cards}", data, **env_settings)
     if cards == 1:
-        del env["BEVDEPTH_ROOT"]
-        del env["OUTPUT_ROOT"]
+        del env["BEVDEPTH_NPU_BEVDEPTH_ROOT"]
+        del env["BEVDEPTH_NPU_OUTPUT_ROOT"]
         env["PYTHONPATH"] = os.pathsep.join([str(helpers.REPO_ROOT), env.get("PYTHONPATH", "")])
     proc = helpers.run_script("train_performance_8p.sh", env, _train_args(),
                               script_dir=script_dir, cwd=script_dir)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration._scripts_helpers import settings_env
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_DIR = REPO_ROOT / "test"
 SCRIPTS = ("train_full_8p.sh", "train_performance_8p.sh", "eval_bevdepth.sh")
@@ -31,7 +33,7 @@ FAKE_EXP = textwrap.dedent('''
     value = lambda flag: args[args.index(flag) + 1] if flag in args else None
     root = value("--default_root_dir")
     with open(os.environ["FAKE_CALLS"], "a") as calls:
-        calls.write(json.dumps({"argv": args, "bind": os.environ.get("BEVDEPTH_BIND_CORES"),
+        calls.write(json.dumps({"argv": args, "bind": os.environ.get("BEVDEPTH_NPU_BIND_CORES"),
                                 "master": os.environ.get("MASTER_ADDR"),
                                 "tq": os.environ.get("TASK_QUEUE_ENABLE")}) + "\\n")
     print("- backbone.conv1.weight: Initialized by user-defined `init_weights`")
@@ -58,10 +60,13 @@ FAKE_EXP = textwrap.dedent('''
 ''')
 
 
-def run(script: str, *args: str, env=None, cwd=None) -> subprocess.CompletedProcess:
+def run(script: str, *args: str, env=None, cwd=None, raw_env=None) -> subprocess.CompletedProcess:
+    """``bash test/SCRIPT ARGS``; ``env`` names settings as the tests did before the prefix
+    (``CARDS``: the variable of --cards), ``raw_env`` is passed as it is."""
     full = {k: v for k, v in os.environ.items() if not k.startswith(("ASCEND", "CANN"))}
-    full.update(PYTHON=sys.executable)
-    full.update(env or {})
+    full.update(settings_env(PYTHON=sys.executable))
+    full.update(settings_env(**(env or {})))
+    full.update(raw_env or {})
     return subprocess.run(["bash", str(TEST_DIR / script), *args], env=full, cwd=cwd,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, timeout=300)
@@ -74,9 +79,9 @@ def test_strict_bash_with_a_header(script):
     assert "\r" not in text and text.endswith("\n")
     if script in LAUNCHERS:
         assert "set -euo pipefail" in text and "Usage:  bash test/" + script in text
-        # A launcher: an interpreter and one exec that forwards every argument.
+        # A launcher: a few lines that forward every argument to `bevdepth-npu run MODE`.
         assert len(text.splitlines()) < 20
-        assert re.search(r'^exec .* -m bevdepth_npu run \w+ .*"\$@"$', text, re.M)
+        assert re.search(r'^(exec .* -m bevdepth_npu run \w+|launch \w+) .*"\$@"$', text, re.M)
     # Nothing an earlier run produced is deleted: no rm anywhere in the scripts.
     assert not re.search(r"(^|[;&|]\s*|\s)rm\s", text, re.M), script
     assert "nohup" not in text and "grep" not in text   # no background runs, no log scraping
@@ -90,7 +95,25 @@ def test_help_prints_the_settings_and_exits_0(script):
     assert proc.stdout.startswith("usage: bash test/" + script)
     assert "after --" in proc.stdout and "--batch-size=N" in proc.stdout
     if script != "train_smoke.sh":
-        assert "--cards=N" in proc.stdout and "[CARDS" in proc.stdout
+        assert "--cards=N" in proc.stdout and "[BEVDEPTH_NPU_CARDS" in proc.stdout
+
+
+@pytest.mark.parametrize("script", LAUNCHERS)
+def test_bare_old_variables_are_ignored_with_one_line_each(script):
+    """A shell's SEED, CARDS or PYTHON (names this common often mean something else) changes
+    nothing: the same help, and one line each on stderr naming what to use."""
+    clean = {k: "" for k in ("SEED", "CARDS", "PYTHON")}
+    plain = run(script, "--help", raw_env=clean)
+    proc = run(script, "--help", raw_env={"SEED": "abc", "CARDS": "x",
+                                          "PYTHON": "/nonexistent"})
+    assert proc.returncode == 0 and plain.returncode == 0, proc.stderr
+    assert proc.stdout == plain.stdout
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 3, proc.stderr
+    for name, variable in (("SEED", "BEVDEPTH_NPU_SEED"), ("CARDS", "BEVDEPTH_NPU_CARDS"),
+                           ("PYTHON", "BEVDEPTH_NPU_PYTHON")):
+        assert any(line.startswith(f"{script}: warning: {name} is set but not read")
+                   and variable in line for line in lines), proc.stderr
 
 
 @pytest.mark.parametrize("script,args,message", [
@@ -122,7 +145,7 @@ def test_bad_settings_exit_1_naming_the_setting(script, args, message):
 def test_environment_variables_are_settings_and_flags_win():
     proc = run("train_full_8p.sh", env={"CARDS": "0"})
     assert proc.returncode == 1
-    assert "CARDS=0 (environment): must be at least 1, got 0" in proc.stderr
+    assert "BEVDEPTH_NPU_CARDS=0 (environment): must be at least 1, got 0" in proc.stderr
     proc = run("train_full_8p.sh", "--cards=0", env={"CARDS": "4"})
     assert "argument --cards: must be at least 1, got 0" in proc.stderr
 
@@ -143,7 +166,7 @@ def test_missing_inputs_are_named(tmp_path):
     proc = run("train_full_8p.sh", env={"BEVDEPTH_ROOT": str(tmp_path)})
     assert "is not a BEVDepth checkout" in proc.stderr
     proc = run("train_full_8p.sh", env={"PYTHON": str(tmp_path / "python")})
-    assert proc.returncode == 1 and "no such program" in proc.stderr
+    assert proc.returncode == 1 and "cannot import bevdepth_npu" in proc.stderr
     assert not (tmp_path / "out").exists()   # nothing created before the inputs are valid
 
 
@@ -296,15 +319,15 @@ def test_several_nodes_get_the_rendezvous_and_node_1_leaves_the_summary_to_node_
 
 
 def test_a_failing_self_test_stops_the_run_before_training(fake, tmp_path):
-    """DOCTOR=1 (the default): `bevdepth-npu doctor --quick` runs first; a FAIL (here a foreign
+    """--doctor=1 (the default): `bevdepth-npu doctor --quick` runs first; a FAIL (here a foreign
     torch, its metadata first on the path) stops the run and nothing trains."""
     shadow = tmp_path / "shadow" / "torch-2.2.0.dist-info"
     shadow.mkdir(parents=True)
     (shadow / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.2.0\n")
-    proc = fake.run("train_performance_8p.sh", "--", "--pooling", "fused", DOCTOR="1",
+    proc = fake.run("train_performance_8p.sh", "--pooling=fused", DOCTOR="1",
                     PYTHONPATH=str(shadow.parent))
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "the self-test failed" in proc.stderr and "DOCTOR=0 skips" in proc.stderr
+    assert "the self-test failed" in proc.stderr and "--doctor=0 skips" in proc.stderr
     # the self-test checks the pooling the run asked for
     assert "self-test: bevdepth-npu doctor --quick --pooling fused;" in proc.stdout
     assert "torch 2.2.0 is installed; the pin is 2.1.0" in proc.stdout + proc.stderr

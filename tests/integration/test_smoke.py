@@ -28,6 +28,7 @@ from typing import Dict, List
 
 import pytest
 
+from bevdepth_npu.run.settings import OPTIONS
 from bevdepth_npu.steplog import read_steps
 from tests.integration import _bevdepth_helpers
 
@@ -56,8 +57,8 @@ def bevdepth_root() -> Path:
 def _env(**extra: str) -> Dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    for name in ("STEPS", "BATCH_SIZE", "DATA_DIR", "EXP", "DEVICE", "OUTPUT_ROOT", "PYTHON"):
-        env.pop(name, None)  # settings of the caller's shell must not leak into the runs
+    for option in OPTIONS:
+        env.pop(option.env, None)  # settings of the caller's shell must not leak into the runs
     env.update(extra)
     return env
 
@@ -77,7 +78,7 @@ def _run_dirs(output_root: Path) -> List[Path]:
 @pytest.fixture(scope="module")
 def smoke_run(bevdepth_root, tmp_path_factory):
     base = tmp_path_factory.mktemp("smoke")
-    env = _env(BEVDEPTH_NPU_CACHE=str(base / "cache"), DEVICE="cpu")
+    env = _env(BEVDEPTH_NPU_CACHE=str(base / "cache"), BEVDEPTH_NPU_DEVICE="cpu")
     args = [f"--python={sys.executable}", f"--output-root={base / 'out'}", f"--steps={STEPS}",
             "--batch-size=1", "--scenes=2", "--samples-per-scene=2", "--warmup-steps=1"]
     proc = _run_script(args, env)
@@ -170,7 +171,7 @@ def test_train_smoke_rejects_bad_settings():
     assert proc.returncode == 1 and "--steps: must be at least 1, got 0" in proc.stdout
     proc = subprocess.run(["bash", str(SCRIPT), "--device=tpu"], cwd=str(REPO_ROOT), env=_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.returncode == 1 and "must be one of: auto cpu cuda npu, got 'tpu'" in proc.stdout
+    assert proc.returncode == 1 and "must be one of: auto npu cuda cpu, got 'tpu'" in proc.stdout
     proc = subprocess.run(["bash", str(SCRIPT), "--steps=5"], cwd=str(REPO_ROOT), env=_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.returncode == 1 and "--warmup-steps=5 must be below --steps=5" in proc.stdout

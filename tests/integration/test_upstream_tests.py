@@ -32,7 +32,7 @@ def test_upstream_model_tests_pass_on_cpu(tmp_path: Path) -> None:
         assert (root / rel).is_file(), f"{root / rel} is missing"
     report = tmp_path / "junit.xml"
     env = helpers.subprocess_env()
-    env["BEVDEPTH_DEVICE"] = "cpu"
+    env["BEVDEPTH_NPU_DEVICE"] = "cpu"
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # leave no __pycache__ in the checkout
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",

@@ -35,7 +35,8 @@ def exp_env(threads: int = 1, **settings: str) -> Dict[str, str]:
     """Environment of an experiment subprocess: this checkout importable (tiny_ema_exp imports
     the tests package), no inherited DDP or fault-injection settings."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("BEVDEPTH_BIND_CORES", "BEVDEPTH_ALLOWED_CORES", "MASTER_ADDR",
+           if k not in ("BEVDEPTH_NPU_BIND_CORES", "BEVDEPTH_NPU_ALLOWED_CORES",
+                        "BEVDEPTH_BIND_CORES", "BEVDEPTH_ALLOWED_CORES", "MASTER_ADDR",
                         "MASTER_PORT", "NODE_RANK", "RANK",
                         "LOCAL_RANK", "WORLD_SIZE", "BEVDEPTH_TEST_KILL_AT_STEPS",
                         "BEVDEPTH_TEST_KILL_MARKERS", "BEVDEPTH_TEST_EMA_DUMP")}

@@ -103,21 +103,37 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def settings_env(**values: object) -> Dict[str, str]:
+    """``values`` as environment variables: a setting's name in capitals (``CARDS``) becomes
+    its variable (``BEVDEPTH_NPU_CARDS``, bevdepth_npu/envvars.py); other names stay."""
+    from bevdepth_npu import envvars
+    from bevdepth_npu.run.settings import OPTION_BY_NAME
+    return {envvars.setting_variable(key.lower()) if key.lower() in OPTION_BY_NAME else key:
+            str(value) for key, value in values.items()}
+
+
 def script_env(output_root: Path, data: Path, **settings: object) -> Dict[str, str]:
-    """Environment of a small CPU run of one of the test/*.sh scripts."""
+    """Environment of a small CPU run of one of the test/*.sh scripts (settings named as in
+    ``settings_env``)."""
+    from bevdepth_npu import envvars
+    from bevdepth_npu.run.settings import OPTIONS
+    # The caller's settings, core binding and rendezvous must not leak into the runs.
+    leaking = {option.env for option in OPTIONS} | {v.name for v in envvars.VARIABLES
+                                                    if v.name not in (envvars.CACHE,
+                                                                      envvars.MIRRORS)}
+    leaking |= {v.old_name for v in envvars.VARIABLES if v.old_name}
     env = {k: v for k, v in os.environ.items()
-           if k not in ("BEVDEPTH_BIND_CORES", "BEVDEPTH_ALLOWED_CORES", "MASTER_ADDR",
-                        "MASTER_PORT", "NODE_RANK", "RANK", "DOCTOR", "WEIGHTS",
-                        "LOCAL_RANK", "WORLD_SIZE", "BIND_CORES", "CKPT", "RESUME")}
-    env.update(PYTHON=sys.executable, BEVDEPTH_ROOT=str(checkout_root()),
-               OUTPUT_ROOT=str(output_root), DATA_ROOT=str(data), EXP=str(TINY_EXP),
-               DEVICE="cpu", BATCH_SIZE="1", WARMUP_STEPS="1",
-               # the self-test runs where a test asks for it (test_scripts_e2e's full_1p)
-               DOCTOR="0")
-    env.update({key: str(value) for key, value in settings.items()})
+           if k not in leaking and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(settings_env(
+        PYTHON=sys.executable, BEVDEPTH_ROOT=str(checkout_root()),
+        OUTPUT_ROOT=str(output_root), DATA_ROOT=str(data), EXP=str(TINY_EXP),
+        DEVICE="cpu", BATCH_SIZE="1", WARMUP_STEPS="1",
+        # the self-test runs where a test asks for it (test_scripts_e2e's full_1p)
+        DOCTOR="0"))
+    env.update(settings_env(**settings))
     if "OMP_NUM_THREADS" not in settings:
         # One process per core share: more threads than cores make every process wait.
-        processes = int(env.get("CARDS", "1"))
+        processes = int(env.get(envvars.setting_variable("cards"), "1"))
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
     return env
 
