@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -65,15 +64,6 @@ def _patch_body_hash(pin: pins.Pin) -> str:
     return _sha(split(path.read_bytes())[1]) if path.is_file() else "none"
 
 
-def heartbeat_gaps():
-    """Seconds between a slow stage's "still running" lines: two in its first minute, then one
-    every two minutes (a 20-minute mmcv build prints 11, not 40)."""
-    yield 30.0
-    yield 30.0
-    while True:
-        yield 120.0
-
-
 class Env:
     def __init__(self, venv: Path, device: str, base_python: str, verbose: bool):
         self.venv = venv
@@ -97,37 +87,23 @@ class Env:
 
     def sh(self, cmd: List[str], stage: str, env: Optional[Dict[str, str]] = None,
            cwd: Optional[Path] = None, progress: Optional[Callable[[], str]] = None) -> str:
-        """Run ``cmd``, output to the stage's log; heartbeat lines (``heartbeat_gaps``); clear
-        failure."""
-        self.logs.mkdir(parents=True, exist_ok=True)
+        """Run ``cmd`` as a stage of the run layer's runner (``run_stage``: output to the
+        stage's log, a heartbeat with ``progress``, the log's end shown on failure); a clear
+        error on failure, else the log's text."""
+        from bevdepth_npu.run.console import Console, Heartbeat
+        from bevdepth_npu.run.stages import run_stage
         logfile = self.logs / f"{stage}.log"
         full_env = dict(os.environ)
         full_env.update({"PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONNOUSERSITE": "1"})
         full_env.pop("PYTHONPATH", None)
         full_env.update(env or {})
-        t0 = time.monotonic()
-        with open(logfile, "a") as fh:
-            fh.write(f"\n$ {' '.join(cmd)}\n")
-            fh.flush()
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env,
-                                    cwd=str(cwd) if cwd else None)
-            stop = threading.Event()
-
-            def beat() -> None:
-                for gap in heartbeat_gaps():
-                    if stop.wait(gap):
-                        return
-                    extra = f", {progress()}" if progress else ""
-                    log(f"  {stage}: still running ({time.monotonic() - t0:.0f} s{extra})")
-
-            thread = threading.Thread(target=beat, daemon=True)
-            thread.start()
-            code = proc.wait()
-            stop.set()
+        console = Console("bevdepth-npu", out=sys.stderr, err=sys.stderr,
+                          prefix="[bevdepth-npu]")
+        code = run_stage(console, stage, cmd, logfile, cwd or Path.cwd(), full_env,
+                         Heartbeat(console, f"  {stage}", detail=progress))
         if code != 0:
-            tail = logfile.read_text(errors="replace").splitlines()[-25:]
-            raise UserError(f"{stage}: `{' '.join(cmd[:6])} ...` failed (exit {code}); last "
-                            f"lines of {logfile}:\n  " + "\n  ".join(tail))
+            raise UserError(f"{stage}: `{' '.join(cmd[:6])} ...` failed (exit {code}); its log "
+                            f"is {logfile} (last lines above)")
         return logfile.read_text(errors="replace")
 
     def pip(self, args: List[str], stage: str, **kw) -> None:

@@ -1,10 +1,12 @@
 """What a run shows on the console: stage lines, one progress line, errors.
 
 On a terminal the progress line is rewritten in place; otherwise (a pipe, a log file, CI) it is
-a plain line every N steps, and a stage that prints nothing for a minute gets a "still running"
-line, so a log always says the run is alive without filling up.
+a plain line every N steps, and a stage that prints nothing gets a "running" line after 30 s,
+at one minute, then every two minutes, so a log always says the run is alive without filling
+up.
 
-Part of ``bevdepth-npu run`` (bevdepth_npu/run/). Tests: tests/unit/test_run_console.py.
+Part of ``bevdepth-npu run`` (bevdepth_npu/run/) and of ``bevdepth-npu env``, whose stages run
+through the same ``stages.run_stage``. Tests: tests/unit/test_run_console.py.
 """
 from __future__ import annotations
 
@@ -14,20 +16,22 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import IO, Deque, List, Optional
+from typing import IO, Callable, Deque, Iterator, List, Optional
 
 from bevdepth_npu.steplog import StepRecord, parse_record
 
-HEARTBEAT_S = 60.0          # a plain "still running" line after this long without output
+HEARTBEAT_S = 60.0          # a waiting training's progress line again after this long
 STEP_WINDOW = 20            # steps behind the speed and ETA of the progress line
 
 
 class Console:
-    """Stage lines on ``out`` (stdout), errors on ``err`` (stderr), prefixed with ``prog``."""
+    """Stage lines on ``out`` (stdout), errors on ``err`` (stderr), prefixed with ``prog:``
+    (or ``prefix``: the environment builder's lines start ``[bevdepth-npu]``)."""
 
     def __init__(self, prog: str, verbose: bool = False, out: Optional[IO[str]] = None,
-                 err: Optional[IO[str]] = None):
+                 err: Optional[IO[str]] = None, prefix: Optional[str] = None):
         self.prog = prog
+        self.prefix = prefix or f"{prog}:"
         self.verbose = verbose
         self.out = out or sys.stdout
         self.err = err or sys.stderr
@@ -42,7 +46,7 @@ class Console:
 
     def note(self, message: str) -> None:
         self._clear_status()
-        self.out.write(f"{self.prog}: {message}\n")
+        self.out.write(f"{self.prefix} {message}\n")
         self.out.flush()
         self.last_output_s = time.monotonic()
 
@@ -69,7 +73,7 @@ class Console:
         """A progress line: rewritten in place on a terminal; elsewhere printed when
         ``permanent`` (the caller decides which updates are worth a line)."""
         if self.tty:
-            self.out.write(f"\r\033[K{self.prog}: {message}")
+            self.out.write(f"\r\033[K{self.prefix} {message}")
             self.out.flush()
             self._status_shown = True
         elif permanent:
@@ -88,19 +92,40 @@ def duration(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
-class Heartbeat:
-    """Elapsed time of a stage without progress of its own (evaluation, data preparation)."""
+def heartbeat_gaps() -> Iterator[float]:
+    """Seconds of quiet before each "running" line of a slow stage: two in its first minute,
+    then one every two minutes (a 20-minute mmcv build prints 11, not 40)."""
+    yield 30.0
+    yield 30.0
+    while True:
+        yield 120.0
 
-    def __init__(self, console: Console, stage: str):
+
+class Heartbeat:
+    """Elapsed time of a stage without progress of its own (evaluation, data preparation, a
+    build of the environment): rewritten in place on a terminal, elsewhere a line after each
+    gap of ``heartbeat_gaps`` without other output. ``detail`` adds what the stage can say of
+    its progress ("8/73 C++ files compiled")."""
+
+    def __init__(self, console: Console, stage: str,
+                 detail: Optional[Callable[[], str]] = None,
+                 gaps: Optional[Iterator[float]] = None):
         self.console = console
         self.stage = stage
+        self.detail = detail
+        self.gaps = gaps or heartbeat_gaps()
+        self.gap = next(self.gaps)
         self.start = time.monotonic()
 
     def poll(self) -> None:
         now = time.monotonic()
-        quiet_s = now - self.console.last_output_s
-        self.console.status(f"{self.stage}: running, {duration(now - self.start)}",
-                            permanent=quiet_s >= HEARTBEAT_S)
+        permanent = now - self.console.last_output_s >= self.gap
+        extra = self.detail() if self.detail is not None and (permanent or self.console.tty) \
+            else ""
+        self.console.status(f"{self.stage}: running, {duration(now - self.start)}"
+                            + (f", {extra}" if extra else ""), permanent=permanent)
+        if permanent:
+            self.gap = next(self.gaps)
 
     def close(self) -> None:
         self.console.end_status()

@@ -70,10 +70,14 @@ def test_a_silent_stage_gets_a_heartbeat(monkeypatch):
     console = Console("x", out=out)
     beat = Heartbeat(console, "eval")
     beat.poll()
-    assert out.getvalue() == ""            # not yet a minute
-    monkeypatch.setattr(console_module, "HEARTBEAT_S", 0.0)
+    assert out.getvalue() == ""            # not yet 30 s
+    beat = Heartbeat(console, "eval", detail=lambda: "3/7 files", gaps=iter([0.0, 0.0, 1e9]))
     beat.poll()
-    assert out.getvalue().startswith("x: eval: running, 0:0")
+    beat.poll()
+    beat.poll()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("x: eval: running, 0:0")
+    assert lines[0].endswith(", 3/7 files")
 
 
 def test_a_stage_writes_to_its_log_only_and_returns_its_status(tmp_path, capfd):
