@@ -33,8 +33,8 @@ from bevdepth_npu.errors import UserError
 from bevdepth_npu.fsutil import atomic_write
 from bevdepth_npu.patchfile import split
 
-TORCH = "torch==2.1.0"
-TORCHVISION = "torchvision==0.16.0"
+TORCH = f"torch=={pins.TORCH_VERSION}"
+TORCHVISION = f"torchvision=={pins.TORCHVISION_VERSION}"
 BUILD_TOOLS = ("setuptools==69.5.1", "wheel==0.43.0", "ninja==1.11.1.1")
 # Installed without their own requirements (see requirements.txt for why)
 NO_DEPS = ("lyft_dataset_sdk==0.0.8",)
@@ -146,14 +146,16 @@ class Env:
                     f"and {self.python} cannot import them:\n  "
                     + proc.stdout.decode().strip().splitlines()[-1]
                     + "\nInstall CANN (8.0 or newer) and `source set_env.sh`, then install "
-                      "torch==2.1.0 (the +cpu build from download.pytorch.org) and the torch_npu "
-                      "2.1.0 wheel that matches your CANN into the base Python, and run this "
+                      f"{TORCH} (the +cpu build from download.pytorch.org) and the torch_npu "
+                      f"{pins.TORCH_VERSION} wheel that matches your CANN into the base Python, "
+                      "and run this "
                       "again (bevdepth-npu never installs CANN)")
-            if not proc.stdout.decode().startswith("2.1.0"):
-                raise UserError(f"on npu torch 2.1.0 is required; found {proc.stdout.decode()}")
+            if not proc.stdout.decode().startswith(pins.TORCH_VERSION):
+                raise UserError(f"on npu torch {pins.TORCH_VERSION} is required; found "
+                                f"{proc.stdout.decode()}")
             self.pip([TORCHVISION, "--no-deps"], "torch")
             return
-        self.pip([TORCH, TORCHVISION, "numpy==1.23.5"], "torch")
+        self.pip([TORCH, TORCHVISION, f"numpy=={pins.NUMPY_VERSION}"], "torch")
 
     def constraints(self) -> Path:
         path = self.venv / "bevdepth-npu-constraints.txt"

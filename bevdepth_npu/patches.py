@@ -28,7 +28,9 @@ EXCLUDES = (
     ":(glob)**/__pycache__/**", ":(glob)**/*.pyc", ":(glob)**/*.so", ":(glob)**/*.egg-info/**",
     ":(glob)build/**", ":(glob)dist/**", ":(glob)**/.pytest_cache/**",
 )
-LIGHTNING_VERSIONS = ("1.6.5", "1.6.5.post0")
+# The versions an installed Lightning may report: the pin and its PyPI release
+LIGHTNING_VERSIONS = (pins.get("lightning").commit,
+                      pins.get("lightning").wheel.split("==")[1])
 log = upstream.log
 
 

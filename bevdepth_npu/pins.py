@@ -14,6 +14,14 @@ import dataclasses
 from typing import Dict, Optional, Tuple
 
 
+# The stack the pins are built on, said once: the torch that torch_npu 2.1.0 pairs with, its
+# torchvision, and the numpy of requirements.txt (the environment builder installs exactly these;
+# the self-test checks them).
+TORCH_VERSION = "2.1.0"
+TORCHVISION_VERSION = "0.16.0"
+NUMPY_VERSION = "1.23.5"
+
+
 @dataclasses.dataclass(frozen=True)
 class Pin:
     name: str            # short name used on the command line

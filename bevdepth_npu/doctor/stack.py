@@ -16,14 +16,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Dict, Optional
 
-from bevdepth_npu import paths
+from bevdepth_npu import paths, pins
 from bevdepth_npu.doctor.report import Fail
 
 SUPPORTED_PYTHON = ((3, 8), (3, 11))
-# The torch that torch_npu 2.1.0 pairs with, its torchvision, and the numpy the stack is built on
-# (bevdepth_npu.envbuild installs exactly these).
-TORCH_VERSION = "2.1.0"
-TORCHVISION_VERSION = "0.16.0"
+TORCH_VERSION = pins.TORCH_VERSION
+TORCHVISION_VERSION = pins.TORCHVISION_VERSION
 REBUILD = "rebuild the environment with `bevdepth-npu env --device {device}`"
 
 
@@ -96,7 +94,6 @@ def env_stamp() -> Dict[str, str]:
 
 
 def check_mmcv(device: str) -> str:
-    from bevdepth_npu import pins
     detail = check_pinned("mmcv-full", "1.7.2", device) if installed_version("mmcv-full") \
         else check_pinned("mmcv", "1.7.2", device)
     try:
