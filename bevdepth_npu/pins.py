@@ -20,6 +20,7 @@ from typing import Dict, Optional, Tuple
 TORCH_VERSION = "2.1.0"
 TORCHVISION_VERSION = "0.16.0"
 NUMPY_VERSION = "1.23.5"
+MMCV_VERSION = "1.7.2"    # what mmcv at its pin reports (v1.7.2 plus 11 commits)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -94,8 +94,8 @@ def env_stamp() -> Dict[str, str]:
 
 
 def check_mmcv(device: str) -> str:
-    detail = check_pinned("mmcv-full", "1.7.2", device) if installed_version("mmcv-full") \
-        else check_pinned("mmcv", "1.7.2", device)
+    detail = check_pinned("mmcv-full", pins.MMCV_VERSION, device) \
+        if installed_version("mmcv-full") else check_pinned("mmcv", pins.MMCV_VERSION, device)
     try:
         ext = importlib.import_module("mmcv._ext")
         importlib.import_module("mmcv.ops")
