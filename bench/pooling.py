@@ -42,6 +42,7 @@ from typing import Any, Dict, List
 
 from bench import harness
 from bevdepth_npu import envvars
+from bevdepth_npu.testing import relative_error
 
 NAME = "pooling"
 TITLE = "voxel pooling: torch path against a memory floor; chunked against unchunked"
@@ -214,7 +215,7 @@ class PoolingCase:
         out = {}
         for name, want, got in zip(("pooled", "grad"), _lift_results.pop("product"),
                                    _lift_results.pop(self.variant)):
-            out[name] = ((got - want).abs().max() / want.abs().max()).item()
+            out[name] = relative_error(got, want)
         return out
 
     def check(self) -> float:
@@ -231,7 +232,7 @@ class PoolingCase:
                                                             self.grid)
             else:
                 return 0.0
-        return ((got - expected).abs().max() / expected.abs().max()).item()
+        return relative_error(got, expected)
 
 
 def lift_owner(pooling: str, grid) -> types.SimpleNamespace:

@@ -9,6 +9,8 @@ neither imports the other.
 - ``lss_case``, ``product_reference``: the lift's inputs as the backbone hands them to the
   pooling, and their float64 depth x context product pooled, with the gradients of both factors;
 - ``flatten_preds``: head outputs as name -> tensor;
+- ``relative_error``: max |actual - expected| / max |expected|, the one figure the tests assert
+  on, the self-test reports and the benchmarks print;
 - ``import_pristine``, ``install_cpu_shims``: run a pristine upstream checkout on a CPU-only
   torch (its CUDA pooling replaced by ``pool_reference``, ``.cuda()`` mapped to the CPU).
 
@@ -26,6 +28,16 @@ import sys
 import types
 from pathlib import Path
 from typing import Dict
+
+
+def relative_error(actual, expected) -> float:
+    """max |a - e| / max |e| in float64 (the absolute difference when e is all zero)."""
+    actual, expected = actual.double(), expected.double()
+    if not expected.numel():
+        return 0.0
+    scale = expected.abs().max().item()
+    diff = (actual - expected).abs().max().item()
+    return diff / scale if scale else diff
 
 
 # ---------------------------------------------------------------- reference pooling

@@ -17,6 +17,7 @@ from typing import Callable, Dict, Tuple
 import torch
 
 from bevdepth_npu.doctor.report import Fail, Skip
+from bevdepth_npu.testing import relative_error
 
 # Relative error allowed against the float64 reference (max |a - e| / max |e|): float32 sums;
 # fp16 and bf16 results accumulate in fp32 and are rounded once (2^-11 and 2^-8).
@@ -45,13 +46,6 @@ class Target:
         where = device.current()
         sync = getattr(torch, kind).synchronize if kind != device.CPU else (lambda: None)
         return cls(kind, lambda t: t.to(where), sync)
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    diff = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    return diff / scale if scale else diff
 
 
 def pooling_inputs(dtype: torch.dtype, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:

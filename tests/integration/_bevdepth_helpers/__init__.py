@@ -25,7 +25,7 @@ import pytest
 # The inputs and references the benchmarks share live in bevdepth_npu/testing.py.
 from bevdepth_npu.testing import (camera_mats, flatten_preds, gather_reference,  # noqa: F401
                                   gt_boxes, lss_case, pool_reference, product_reference,
-                                  training_batch)
+                                  relative_error, training_batch)
 
 ENV_REASON = ("needs the bevdepth-npu env (create it with `bevdepth-npu env`): bevdepth from the "
               "patched tree, mmcv with ops, mmdet3d, pytorch-lightning")
@@ -104,17 +104,6 @@ def run_upstream(source: Path, inputs: Path, outputs: Path, tasks: List[str],
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-
-
-def relative_error(actual, expected) -> float:
-    """max |a - e| / max |e| (0 when both are all zero)."""
-    actual = actual.double()
-    expected = expected.double()
-    scale = expected.abs().max().item()
-    diff = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    if scale == 0.0:
-        return diff
-    return diff / scale
 
 
 def norm_relative_error(actual, expected) -> float:
