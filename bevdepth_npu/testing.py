@@ -11,6 +11,8 @@ neither imports the other.
 - ``flatten_preds``: head outputs as name -> tensor;
 - ``relative_error``: max |actual - expected| / max |expected|, the one figure the tests assert
   on, the self-test reports and the benchmarks print;
+- ``settings_env``: run settings named as flags in capitals (``CARDS``) as the environment
+  variables of bevdepth_npu/envvars.py (``BEVDEPTH_NPU_CARDS``), for the tests of the scripts;
 - ``import_pristine``, ``install_cpu_shims``: run a pristine upstream checkout on a CPU-only
   torch (its CUDA pooling replaced by ``pool_reference``, ``.cuda()`` mapped to the CPU).
 
@@ -38,6 +40,15 @@ def relative_error(actual, expected) -> float:
     scale = expected.abs().max().item()
     diff = (actual - expected).abs().max().item()
     return diff / scale if scale else diff
+
+
+def settings_env(**values: object) -> Dict[str, str]:
+    """``values`` as environment variables: a setting's name in capitals (``CARDS``) becomes
+    its variable (``BEVDEPTH_NPU_CARDS``, bevdepth_npu/envvars.py); other names stay."""
+    from bevdepth_npu import envvars
+    from bevdepth_npu.run.settings import OPTION_BY_NAME
+    return {envvars.setting_variable(key.lower()) if key.lower() in OPTION_BY_NAME else key:
+            str(value) for key, value in values.items()}
 
 
 # ---------------------------------------------------------------- reference pooling

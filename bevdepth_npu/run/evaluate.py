@@ -1,7 +1,7 @@
 """``bevdepth-npu run eval``: score a checkpoint (--ckpt, else the newest) on the val split in
 a run directory of its own, and summarize.
 
-Tests: tests/integration/test_scripts_units.py, test_scripts_e2e.py.
+Tests: tests/unit/test_scripts.py, tests/integration/test_scripts_e2e.py.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ checkout, experiment and data found beside the scripts, CANN's settings from env
 flags every command of the recipe gets. A training command continues the newest unfinished
 identical run; the self-test (`bevdepth-npu doctor --quick`) runs before training.
 
-Tests: tests/integration/test_scripts_units.py (no training), test_scripts_e2e.py,
+Tests: tests/unit/test_scripts.py (no training); tests/integration/test_scripts_e2e.py,
 test_resume_e2e.py, test_ddp_multinode.py.
 """
 from __future__ import annotations

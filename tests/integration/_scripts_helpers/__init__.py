@@ -1,6 +1,6 @@
-"""Shared pieces of the issue-5 tests (scripts, resume, DDP); not a test module.
+"""Shared pieces of the tests of the scripts, resume and DDP; not a test module.
 
-- require_stack(): the patched BEVDepth with the issue-5 wiring (step log, --resume), or skip;
+- require_stack(): the patched BEVDepth with the run wiring (step log, --resume), or skip;
 - tiny_dataset(): a synthetic nuScenes (2 scenes x 5 samples) with info files and depth ground
   truth, built once per test session with `bevdepth-npu synth`, scripts/gen_info.py and
   scripts/gen_depth_gt.py of the patched checkout;
@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence
 
 import pytest
 
+from bevdepth_npu.testing import settings_env
 from tests.integration import _bevdepth_helpers
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -47,7 +48,7 @@ def require_stack():
                                "utils/checkpoint_io.py")
                if not (root / rel).is_file()]
     if missing or "--resume" not in (root / "exps" / "base_cli.py").read_text():
-        pytest.fail(f"bevdepth is imported from {root}, which lacks the issue-5 wiring "
+        pytest.fail(f"bevdepth is imported from {root}, which lacks the run wiring "
                     f"({', '.join(missing) or 'no --resume in exps/base_cli.py'}); "
                     "reinstall the patched tree with `bevdepth-npu env`")
     return bevdepth
@@ -101,15 +102,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def settings_env(**values: object) -> Dict[str, str]:
-    """``values`` as environment variables: a setting's name in capitals (``CARDS``) becomes
-    its variable (``BEVDEPTH_NPU_CARDS``, bevdepth_npu/envvars.py); other names stay."""
-    from bevdepth_npu import envvars
-    from bevdepth_npu.run.settings import OPTION_BY_NAME
-    return {envvars.setting_variable(key.lower()) if key.lower() in OPTION_BY_NAME else key:
-            str(value) for key, value in values.items()}
 
 
 def script_env(output_root: Path, data: Path, **settings: object) -> Dict[str, str]:

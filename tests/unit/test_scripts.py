@@ -3,9 +3,9 @@ usage, validation, env_npu.sh, and the whole run flow against a stand-in experim
 that answers like bevdepth/exps/...: it writes steps.jsonl and checkpoints/last.ckpt when
 training, metrics_summary.json when evaluating): stage order, exit status, core binding per
 stage, resume selection, --fresh, the lock, links, nothing deleted. Seconds; needs bash and
-python and nothing of the model stack (the real runs are in test_scripts_e2e.py).
+python and nothing of the model stack (the real runs are in tests/integration/test_scripts_e2e.py).
 
-Run: python -m pytest tests/integration/test_scripts_units.py -q
+Run: python -m pytest tests/unit/test_scripts.py -q
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration._scripts_helpers import settings_env
+from bevdepth_npu.testing import settings_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_DIR = REPO_ROOT / "test"
