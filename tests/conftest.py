@@ -29,10 +29,22 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
+# Modules whose every test trains, builds or runs upstream (a minute or more each on 2 cores);
+# single slow tests elsewhere carry @pytest.mark.slow themselves.
+SLOW_MODULES = frozenset({
+    "test_smoke", "test_scripts_e2e", "test_resume_e2e", "test_ddp_multinode", "test_ema",
+    "test_environment", "test_upstream_tests", "test_parity", "test_show",
+    "test_lightning_patch", "test_scripts_steplog", "test_learning_check",
+})
+
+
 def pytest_collection_modifyitems(config, items):
     """The layer marker comes from the directory, so no test can sit in one layer and claim
-    another."""
+    another; ``slow`` from SLOW_MODULES."""
     for item in items:
-        parts = Path(str(item.fspath)).relative_to(REPO_ROOT / "tests").parts
+        path = Path(str(item.fspath))
+        parts = path.relative_to(REPO_ROOT / "tests").parts
         if parts[0] in ("unit", "integration"):
             item.add_marker(getattr(pytest.mark, parts[0]))
+        if path.stem in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

@@ -231,14 +231,14 @@ def test_cpu_affinity_conf_follows_the_torch_npu_version(tmp_path, monkeypatch, 
     monkeypatch.delenv("CPU_AFFINITY_CONF", raising=False)
     monkeypatch.delenv(device.ENV_VAR, raising=False)
     assert core_binding.torch_npu_affinity_mode() == mode
-    described = core_binding.request_torch_npu_binding(None)
+    described = core_binding.request_torch_npu_binding(True)   # npu or automatic
     assert os.environ.get("CPU_AFFINITY_CONF") == mode
     assert described == (f"torch_npu CPU_AFFINITY_CONF={mode}" if mode else None)
     monkeypatch.delenv("CPU_AFFINITY_CONF", raising=False)
-    assert core_binding.request_torch_npu_binding("cpu") is None  # a CPU run binds itself
+    assert core_binding.request_torch_npu_binding(False) is None  # a CPU run binds itself
     if mode:
         monkeypatch.setenv("CPU_AFFINITY_CONF", "1,npu0:0-3")
-        assert core_binding.request_torch_npu_binding("npu") == \
+        assert core_binding.request_torch_npu_binding(True) == \
             "torch_npu CPU_AFFINITY_CONF=1,npu0:0-3"
 
 

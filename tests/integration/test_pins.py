@@ -81,6 +81,7 @@ def test_lightning_patch_applies_to_the_wheel_files_and_reverts_byte_for_byte(tm
     assert after == files
 
 
+@pytest.mark.network   # downloads the sdist once, then reads it from the cache
 def test_mmdetection3d_patch_applies_to_the_pypi_sdist(tmp_path):
     require_source("mmdetection3d")
     pin = pins.get("mmdetection3d")
