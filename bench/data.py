@@ -51,6 +51,7 @@ SAMPLES_PER_RUN_FULL, SAMPLES_PER_RUN_QUICK = 12, 6
 REPEATS_FULL, REPEATS_QUICK = 3, 2
 TARGET_RATIO = 2.0              # precomputed-depth loader at least 2x the on-the-fly one
 KEY_IDXES = [-1]                # the 2key recipe: the sample and the previous key frame
+INFO_NAME = "nuscenes_infos_train.pkl"  # the loader reads the training infos
 IMAGE_OPTION_AUGS = 60          # augmentations compared pixel by pixel per image option
 
 VARIANTS = ("precomputed", "on-the-fly", "upstream")
@@ -316,71 +317,77 @@ def make_parts_case(params: Dict[str, Any]) -> PartsCase:
 # ---------------------------------------------------------------- driver
 
 
-def run(ctx: harness.Context) -> harness.BenchResult:
-    result = harness.BenchResult(NAME, TITLE)
-    repeats = ctx.repeats_for(REPEATS_FULL, REPEATS_QUICK)
-    samples_per_run = SAMPLES_PER_RUN_QUICK if ctx.quick else SAMPLES_PER_RUN_FULL
-    root, mirror = ensure_dataset(ctx)
-    info_name = "nuscenes_infos_train.pkl"
-    all_workers = harness.usable_cores()
-    worker_counts = sorted({1, all_workers})
+def _loader_runs(ctx: harness.Context, patched: harness.Worker, upstream: harness.Worker,
+                 root: Path, mirror: Path, worker_counts: List[int], repeats: int,
+                 samples_per_run: int, figures: Dict[str, Any]
+                 ) -> Tuple[List[List[Any]], Dict[Tuple[int, str], Optional[float]]]:
+    """The DataLoader variants, interleaved, for each worker count: table rows and median
+    samples/s by (workers, variant); adds their figures to ``figures``."""
     roots = {"precomputed": root, "on-the-fly": mirror, "upstream": mirror}
-    patched = ctx.worker(harness.ROLE_PATCHED, "data-patched", env={envvars.DEVICE: "cpu"})
-    upstream = ctx.worker(harness.ROLE_UPSTREAM_CPU, "data-upstream")
     workers = {"precomputed": patched, "on-the-fly": patched, "upstream": upstream}
     loader_rows: List[List[Any]] = []
-    figures: Dict[str, Any] = {}
     rates: Dict[Tuple[int, str], Optional[float]] = {}
-    try:
-        for num_workers in worker_counts:
-            ctx.log(f"  loader with {num_workers} worker(s), {samples_per_run} samples per run")
-            runners = {}
-            for variant in VARIANTS:
-                key = f"loader-{num_workers}-{variant}"
-                workers[variant].setup(key, "bench.data:make_loader_case", dict(
-                    data_root=str(roots[variant]),
-                    info_path=str(roots[variant] / info_name), num_workers=num_workers,
-                    samples_per_run=samples_per_run))
-                runners[variant] = workers[variant].runner(key)
-            samples = harness.interleave(runners, repeats, ctx.warmup)
-            for variant in VARIANTS:
-                stats = harness.Stats.of(samples[variant]["samples_per_s"])
-                rates[(num_workers, variant)] = stats.median
-                loader_rows.append([num_workers, variant, stats.median, stats.minimum,
-                                    stats.maximum, 1.0 / stats.median * 1e3])
-                figures[f"loader.w{num_workers}.{variant}"] = dict(samples_per_s=stats.to_json())
-                workers[variant].drop(f"loader-{num_workers}-{variant}")
-        upstream.close()
+    for num_workers in worker_counts:
+        ctx.log(f"  loader with {num_workers} worker(s), {samples_per_run} samples per run")
+        runners = {}
+        for variant in VARIANTS:
+            key = f"loader-{num_workers}-{variant}"
+            workers[variant].setup(key, "bench.data:make_loader_case", dict(
+                data_root=str(roots[variant]),
+                info_path=str(roots[variant] / INFO_NAME), num_workers=num_workers,
+                samples_per_run=samples_per_run))
+            runners[variant] = workers[variant].runner(key)
+        samples = harness.interleave(runners, repeats, ctx.warmup)
+        for variant in VARIANTS:
+            stats = harness.Stats.of(samples[variant]["samples_per_s"])
+            rates[(num_workers, variant)] = stats.median
+            loader_rows.append([num_workers, variant, stats.median, stats.minimum,
+                                stats.maximum, 1.0 / stats.median * 1e3])
+            figures[f"loader.w{num_workers}.{variant}"] = dict(samples_per_s=stats.to_json())
+            workers[variant].drop(f"loader-{num_workers}-{variant}")
+    return loader_rows, rates
 
-        ctx.log("  parts of one sample")
-        part_runners = {}
-        for part in PARTS:
-            patched.setup(f"part-{part}", "bench.data:make_parts_case", dict(
-                part=part, data_root=str(root), info_path=str(root / info_name), seed=5))
-            part_runners[part] = patched.runner(f"part-{part}")
-        part_samples = harness.interleave(part_runners, max(3, repeats), ctx.warmup)
-        parts_ms = {p: harness.median_of(part_samples, p) * 1e3 for p in PARTS}
 
-        ctx.log("  image options")
-        option_runners = {}
-        for option in IMAGE_OPTIONS:
-            patched.setup(f"image-{option}", "bench.data:make_image_option_case", dict(
-                option=option, data_root=str(root), info_path=str(root / info_name), seed=7))
-            option_runners[option] = patched.runner(f"image-{option}")
-        option_samples = harness.interleave(option_runners, max(3, repeats), ctx.warmup)
-        option_rows = []
-        shipped_s = harness.median_of(option_samples, "as shipped", "per_image_s")
-        for option in IMAGE_OPTIONS:
-            per_image = harness.median_of(option_samples, option, "per_image_s")
-            check = patched.call(f"image-{option}", "check")
-            option_rows.append([option, per_image * 1e3, harness.safe_ratio(shipped_s, per_image),
-                                check["max_abs_diff"], check["differing_fraction"],
-                                f"{check['images_differing']}/{check['images']}"])
-            figures[f"image_option.{option}"] = dict(per_image_s=per_image, **check)
-    finally:
-        upstream.close()
-        patched.close()
+def _parts_runs(ctx: harness.Context, patched: harness.Worker, root: Path,
+                repeats: int) -> Dict[str, float]:
+    """Median ms of each part of one sample's work, parts interleaved."""
+    ctx.log("  parts of one sample")
+    part_runners = {}
+    for part in PARTS:
+        patched.setup(f"part-{part}", "bench.data:make_parts_case", dict(
+            part=part, data_root=str(root), info_path=str(root / INFO_NAME), seed=5))
+        part_runners[part] = patched.runner(f"part-{part}")
+    part_samples = harness.interleave(part_runners, max(3, repeats), ctx.warmup)
+    return {p: harness.median_of(part_samples, p) * 1e3 for p in PARTS}
 
+
+def _image_option_runs(ctx: harness.Context, patched: harness.Worker, root: Path, repeats: int,
+                       figures: Dict[str, Any]) -> List[List[Any]]:
+    """Time and pixel check of each image option, options interleaved: table rows; adds their
+    figures to ``figures``."""
+    ctx.log("  image options")
+    option_runners = {}
+    for option in IMAGE_OPTIONS:
+        patched.setup(f"image-{option}", "bench.data:make_image_option_case", dict(
+            option=option, data_root=str(root), info_path=str(root / INFO_NAME), seed=7))
+        option_runners[option] = patched.runner(f"image-{option}")
+    option_samples = harness.interleave(option_runners, max(3, repeats), ctx.warmup)
+    option_rows = []
+    shipped_s = harness.median_of(option_samples, "as shipped", "per_image_s")
+    for option in IMAGE_OPTIONS:
+        per_image = harness.median_of(option_samples, option, "per_image_s")
+        check = patched.call(f"image-{option}", "check")
+        option_rows.append([option, per_image * 1e3, harness.safe_ratio(shipped_s, per_image),
+                            check["max_abs_diff"], check["differing_fraction"],
+                            f"{check['images_differing']}/{check['images']}"])
+        figures[f"image_option.{option}"] = dict(per_image_s=per_image, **check)
+    return option_rows
+
+
+def _add_tables(result: harness.BenchResult, repeats: int, samples_per_run: int,
+                loader_rows: List[List[Any]], parts_ms: Dict[str, float],
+                option_rows: List[List[Any]]) -> None:
+    """The loader, parts and image-option tables."""
     result.tables.append(harness.Table(
         f"DataLoader, R50 2key training samples (12 images of 1600x900 -> 256x704), batch 1, "
         f"median of {repeats} runs of {samples_per_run} samples",
@@ -394,6 +401,12 @@ def run(ctx: harness.Context) -> harness.BenchResult:
         f"against the shipped img_transform over {IMAGE_OPTION_AUGS} augmentations",
         ["option", "ms/image", "speed-up", "max |diff|", "pixels differing",
          "images differing"], option_rows))
+
+
+def _add_ratios(result: harness.BenchResult, worker_counts: List[int],
+                rates: Dict[Tuple[int, str], Optional[float]], parts_ms: Dict[str, float]
+                ) -> float:
+    """The ratios and the note on what precomputing can gain; returns that bound."""
     for num_workers in worker_counts:
         pre, fly, up = (rates[(num_workers, v)] for v in VARIANTS)
         result.ratios.append(harness.Ratio(
@@ -418,6 +431,33 @@ def run(ctx: harness.Context) -> harness.BenchResult:
         f"projection that depth_gt saves costs {lidar_ms:.1f} ms against {file_ms:.2f} ms of "
         f"file reads. Precomputed depth can make a sample at most {bound:.2f}x faster; 2x "
         f"needs everything else in a sample to cost under {lidar_ms - file_ms:.0f} ms")
+    return bound
+
+
+def run(ctx: harness.Context) -> harness.BenchResult:
+    """The data benchmark: loader variants per worker count, the parts of one sample, the
+    image options; then the tables, ratios and notes."""
+    result = harness.BenchResult(NAME, TITLE)
+    repeats = ctx.repeats_for(REPEATS_FULL, REPEATS_QUICK)
+    samples_per_run = SAMPLES_PER_RUN_QUICK if ctx.quick else SAMPLES_PER_RUN_FULL
+    root, mirror = ensure_dataset(ctx)
+    all_workers = harness.usable_cores()
+    worker_counts = sorted({1, all_workers})
+    patched = ctx.worker(harness.ROLE_PATCHED, "data-patched", env={envvars.DEVICE: "cpu"})
+    upstream = ctx.worker(harness.ROLE_UPSTREAM_CPU, "data-upstream")
+    figures: Dict[str, Any] = {}
+    try:
+        loader_rows, rates = _loader_runs(ctx, patched, upstream, root, mirror, worker_counts,
+                                          repeats, samples_per_run, figures)
+        upstream.close()
+        parts_ms = _parts_runs(ctx, patched, root, repeats)
+        option_rows = _image_option_runs(ctx, patched, root, repeats, figures)
+    finally:
+        upstream.close()
+        patched.close()
+
+    _add_tables(result, repeats, samples_per_run, loader_rows, parts_ms, option_rows)
+    bound = _add_ratios(result, worker_counts, rates, parts_ms)
     result.data = dict(repeats=repeats, warmup=ctx.warmup, samples_per_run=samples_per_run,
                        worker_counts=worker_counts, parts_ms=parts_ms,
                        bound_precomputed_over_on_the_fly=bound, figures=figures,

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import sys
 import types
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from bench import harness
 from bevdepth_npu import envvars
@@ -288,12 +288,10 @@ def _peaks(ctx: harness.Context) -> Dict[str, Dict[str, Any]]:
     return peaks
 
 
-def run(ctx: harness.Context) -> harness.BenchResult:
-    result = harness.BenchResult(NAME, TITLE)
-    repeats = ctx.repeats_for(REPEATS_FULL, REPEATS_QUICK)
-    rows: List[List[Any]] = []
-    figures: Dict[str, Any] = {}
-    medians: Dict[str, Dict[str, float]] = {}
+def _times(ctx: harness.Context, repeats: int
+           ) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, float]]:
+    """Times of every stage's variants in the timing worker, with the forward variants'
+    differences from the torch path and the lift's fused-against-product differences."""
     ctx.log("  times")
     times: Dict[str, Any] = {}
     lift_diff: Dict[str, float] = {}
@@ -310,8 +308,14 @@ def run(ctx: harness.Context) -> harness.BenchResult:
                 worker.drop(f"{stage}-{variant}")
     finally:
         worker.close()
-    ctx.log("  peak memory")
-    peaks = _peaks(ctx)
+    return times, diffs, lift_diff
+
+
+def _rows(times: Dict[str, Any], diffs: Dict[str, Any], peaks: Dict[str, Dict[str, Any]],
+          figures: Dict[str, Any]) -> Tuple[List[List[Any]], Dict[str, Dict[str, float]]]:
+    """Table rows and median times by stage and variant; adds the figures to ``figures``."""
+    rows: List[List[Any]] = []
+    medians: Dict[str, Dict[str, float]] = {}
     for stage, variants in STAGES:
         samples, info = times[stage]
         medians[stage] = {}
@@ -328,15 +332,15 @@ def run(ctx: harness.Context) -> harness.BenchResult:
                                                  peak_rss_increase_bytes=peak,
                                                  max_rel_diff_vs_torch=diff)
         figures[f"{stage}.shapes"] = info
-    figures["lift.max_rel_diff_fused_vs_product"] = lift_diff
+    return rows, medians
+
+
+def _time_ratios(medians: Dict[str, Dict[str, float]], peaks: Dict[str, Dict[str, Any]]
+                 ) -> List[harness.Ratio]:
+    """The ratios of median times, and the lift's peak memory ratio."""
     fwd, bwd, inf = medians["forward"], medians["backward"], medians["inference"]
     lift = medians["lift"]
-    result.tables.append(harness.Table(
-        f"voxel pooling, batch {BATCH}, 473,088 points x {CHANNELS} channels -> 128x128, "
-        f"median of {repeats} rounds",
-        ["stage", "variant", "median ms", "min ms", "max ms", "x floor", "peak +MiB",
-         "max rel diff vs torch"], rows))
-    result.ratios += [
+    return [
         harness.Ratio("pooling.forward.torch/floor", harness.safe_ratio(fwd["torch"],
                                                                         fwd["floor"]),
                       "torch-path forward against the memory floor", ("<=", TARGET_FLOOR_RATIO)),
@@ -364,6 +368,24 @@ def run(ctx: harness.Context) -> harness.BenchResult:
                       "lift-and-pool peak memory increase, fused against product",
                       ("<=", TARGET_LIFT_MEMORY)),
     ]
+
+
+def run(ctx: harness.Context) -> harness.BenchResult:
+    """The pooling benchmark: times in one worker, peak memory in another, then the report."""
+    result = harness.BenchResult(NAME, TITLE)
+    repeats = ctx.repeats_for(REPEATS_FULL, REPEATS_QUICK)
+    figures: Dict[str, Any] = {}
+    times, diffs, lift_diff = _times(ctx, repeats)
+    ctx.log("  peak memory")
+    peaks = _peaks(ctx)
+    rows, medians = _rows(times, diffs, peaks, figures)
+    figures["lift.max_rel_diff_fused_vs_product"] = lift_diff
+    result.tables.append(harness.Table(
+        f"voxel pooling, batch {BATCH}, 473,088 points x {CHANNELS} channels -> 128x128, "
+        f"median of {repeats} rounds",
+        ["stage", "variant", "median ms", "min ms", "max ms", "x floor", "peak +MiB",
+         "max rel diff vs torch"], rows))
+    result.ratios += _time_ratios(medians, peaks)
     result.notes.append(
         f"lift-and-pool, fused against product: pooled grid differs by "
         f"{lift_diff['pooled']:.1e}, the depth net's gradient by {lift_diff['grad']:.1e} "

@@ -40,8 +40,8 @@ from bevdepth_npu.fsutil import atomic_write_text, newest_file
 from bevdepth_npu.runrecord import MODES, RUN_JSON, RunRecord, RunRecordError
 from bevdepth_npu.steplog import STEPS_FILE, StepLog, read_steps
 from bevdepth_npu.summarize import modelzoo
-from bevdepth_npu.summarize.figures import (METRICS_NAME, SummarizeInputError, metric_figures,
-                                            step_figures, time_figures)
+from bevdepth_npu.summarize.figures import (METRICS_NAME, Figures, SummarizeInputError,
+                                            metric_figures, step_figures, time_figures)
 from bevdepth_npu.summarize.plot import CURVES_PNG, plot_curves
 
 DEFAULT_WARMUP_STEPS = 5       # graph compilation, allocator growth and loader start-up slow these
@@ -160,6 +160,101 @@ def _missing(summary: Dict[str, Any], mode: Optional[str]) -> List[str]:
     return missing
 
 
+def _load_record(run_dir: str) -> RunRecord:
+    """RUN_DIR/run.json (empty when absent); a bad one is an input error."""
+    try:
+        return RunRecord.load(os.path.join(run_dir, RUN_JSON))
+    except RunRecordError as err:
+        raise SummarizeInputError(str(err)) from None
+
+
+def _pick(record: RunRecord, value: Any, flag: str, key: str) -> Tuple[Any, Any]:
+    """(value, source): the flag's value when given, else run.json's, else (None, None)."""
+    if value is not None:
+        return value, flag
+    if record.get(key) is not None:
+        return record.get(key), RUN_JSON
+    return None, None
+
+
+class _Draft:
+    """The summary as it is built: the figures, the source of each, and the warnings in order."""
+
+    def __init__(self) -> None:
+        self.summary: Dict[str, Any] = {}
+        self.sources: Dict[str, str] = {}
+        self.warnings: List[str] = []
+
+    def take(self, part: Figures) -> None:
+        self.summary.update(part[0])
+        self.sources.update(part[1])
+        self.warnings.extend(part[2])
+
+
+def _read_inputs(draft: _Draft, run_dir: str, steps_file: Optional[str],
+                 metrics_file: Optional[str], warmup_steps: int, loss_window: int
+                 ) -> Tuple[Optional[StepLog], str]:
+    """Figures of the step log and the metrics into ``draft``; the step log and its name."""
+    log: Optional[StepLog] = None
+    log_name = ""
+    if steps_file is not None:
+        log = read_steps(steps_file)
+        log_name = _display(steps_file, run_dir)
+        draft.sources["step_log"] = log_name
+        draft.take(step_figures(log, warmup_steps, loss_window, log_name))
+    else:
+        draft.summary.update(steps_total=0, steps_measured=0)
+    if metrics_file is not None:
+        draft.take(metric_figures(metrics_file, _display(metrics_file, run_dir)))
+    return log, log_name
+
+
+def _infer_mode(mode_value: Optional[str], mode_source: Optional[str], log: Optional[StepLog],
+                metrics_file: Optional[str]) -> Tuple[Optional[str], Optional[str]]:
+    """(mode, source): the given mode, else the one RUN_DIR's files imply (None if neither)."""
+    if mode_value is None:
+        if log is not None and log.records:
+            mode_value = "full" if metrics_file is not None else "performance"
+        elif metrics_file is not None:
+            mode_value = "eval"
+        mode_source = "inferred from what RUN_DIR holds" if mode_value else None
+    return mode_value, mode_source
+
+
+def _batch_warnings(log: Optional[StepLog], ranks: Optional[int], batch: Optional[int]
+                    ) -> List[str]:
+    """A warning when the log's usual global batch is not BatchSize x RankSize."""
+    if log is not None and log.records and ranks is not None and batch is not None:
+        common = collections.Counter(r.global_batch for r in log.records).most_common(1)[0][0]
+        if common != ranks * batch:
+            return [f"global_batch in the log is {common}, but BatchSize x RankSize "
+                    f"is {batch} x {ranks} = {batch * ranks}"]
+    return []
+
+
+def _write_outputs(draft: _Draft, run_dir: str, case: str, steps_file: Optional[str],
+                   log: Optional[StepLog], warmup_steps: int, plot: bool) -> None:
+    """<CaseName>.log, summary.json and (when asked and there are steps) curves.png.
+
+    The .log target is checked first, so a CaseName that would overwrite the training log
+    writes nothing; a plot that cannot be drawn becomes a warning.
+    """
+    summary, warnings = draft.summary, draft.warnings
+    target = os.path.join(run_dir, f"{case}.log")
+    modelzoo.check_target(target, case, tuple(p for p in (steps_file,) if p))
+    files = [os.path.basename(target), SUMMARY_JSON]
+    if plot and log is not None and log.records:
+        warning = plot_curves(os.path.join(run_dir, CURVES_PNG), log, warmup_steps, case)
+        if warning:
+            warnings.append(warning)
+        else:
+            files.append(CURVES_PNG)
+    summary.update(files=sorted(files), sources=draft.sources, warnings=warnings)
+    atomic_write_text(target, modelzoo.log_text(summary))
+    atomic_write_text(os.path.join(run_dir, SUMMARY_JSON),
+                      json.dumps(summary, sort_keys=True, indent=2, allow_nan=False) + "\n")
+
+
 def summarize(
     run_dir: str,
     *,
@@ -185,64 +280,27 @@ def summarize(
                      (("--rank-size", rank_size), ("--batch-size", batch_size)),
                      (("--network", network), ("--case-name", case_name),
                       ("--device-type", device_type)))
-    try:
-        record = RunRecord.load(os.path.join(run_dir, RUN_JSON))
-    except RunRecordError as err:
-        raise SummarizeInputError(str(err)) from None
-
-    def pick(value: Any, flag: str, key: str) -> Tuple[Any, Any]:
-        if value is not None:
-            return value, flag
-        if record.get(key) is not None:
-            return record.get(key), RUN_JSON
-        return None, None
-
-    mode_value, mode_source = pick(mode, "--mode", "mode")
+    record = _load_record(run_dir)
+    mode_value, mode_source = _pick(record, mode, "--mode", "mode")
     steps_file, metrics_file = _inputs(run_dir, steps_path, metrics_path, mode_value)
-    summary: Dict[str, Any] = {}
-    sources: Dict[str, str] = {}
-    warnings: List[str] = []
+    draft = _Draft()
+    summary, sources, warnings = draft.summary, draft.sources, draft.warnings
+    log, log_name = _read_inputs(draft, run_dir, steps_file, metrics_file, warmup_steps,
+                                 loss_window)
 
-    def take(part: Tuple[Dict[str, Any], Dict[str, str], List[str]]) -> None:
-        summary.update(part[0])
-        sources.update(part[1])
-        warnings.extend(part[2])
-
-    log: Optional[StepLog] = None
-    log_name = ""
-    if steps_file is not None:
-        log = read_steps(steps_file)
-        log_name = _display(steps_file, run_dir)
-        sources["step_log"] = log_name
-        take(step_figures(log, warmup_steps, loss_window, log_name))
-    else:
-        summary.update(steps_total=0, steps_measured=0)
-    if metrics_file is not None:
-        take(metric_figures(metrics_file, _display(metrics_file, run_dir)))
-
-    if mode_value is None:
-        if log is not None and log.records:
-            mode_value = "full" if metrics_file is not None else "performance"
-        elif metrics_file is not None:
-            mode_value = "eval"
-        mode_source = "inferred from what RUN_DIR holds" if mode_value else None
+    mode_value, mode_source = _infer_mode(mode_value, mode_source, log, metrics_file)
     if mode_source:
         sources["mode"] = mode_source
 
-    chosen = {key: pick(value, flag, meta) for key, value, flag, meta in (
+    chosen = {key: _pick(record, value, flag, meta) for key, value, flag, meta in (
         ("network", network, "--network", "network"),
         ("case_name", case_name, "--case-name", "case_name"),
         ("rank_size", rank_size, "--rank-size", "rank_size"),
         ("batch_size", batch_size, "--batch-size", "batch_size_per_device"),
         ("device_type", device_type, "--device-type", "device_type"))}
     case = _identity(summary, sources, chosen, mode_value)
-    ranks, batch = chosen["rank_size"][0], chosen["batch_size"][0]
-    if log is not None and log.records and ranks is not None and batch is not None:
-        common = collections.Counter(r.global_batch for r in log.records).most_common(1)[0][0]
-        if common != ranks * batch:
-            warnings.append(f"global_batch in the log is {common}, but BatchSize x RankSize "
-                            f"is {batch} x {ranks} = {batch * ranks}")
-    take(time_figures(record, log, log_name))
+    warnings.extend(_batch_warnings(log, chosen["rank_size"][0], chosen["batch_size"][0]))
+    draft.take(time_figures(record, log, log_name))
 
     missing = _missing(summary, mode_value)
     warnings.extend(f"{mode_value or 'unknown'} run is missing {item}" for item in missing)
@@ -253,20 +311,7 @@ def summarize(
         "malformed_examples": [{"line": m.line_no, "reason": m.reason, "excerpt": m.excerpt}
                                for m in malformed[:MALFORMED_EXAMPLES]],
     })
-
-    target = os.path.join(run_dir, f"{case}.log")
-    modelzoo.check_target(target, case, tuple(p for p in (steps_file,) if p))
-    files = [os.path.basename(target), SUMMARY_JSON]
-    if plot and log is not None and log.records:
-        warning = plot_curves(os.path.join(run_dir, CURVES_PNG), log, warmup_steps, case)
-        if warning:
-            warnings.append(warning)
-        else:
-            files.append(CURVES_PNG)
-    summary.update(files=sorted(files), sources=sources, warnings=warnings)
-    atomic_write_text(target, modelzoo.log_text(summary))
-    atomic_write_text(os.path.join(run_dir, SUMMARY_JSON),
-                      json.dumps(summary, sort_keys=True, indent=2, allow_nan=False) + "\n")
+    _write_outputs(draft, run_dir, case, steps_file, log, warmup_steps, plot)
     return summary
 
 

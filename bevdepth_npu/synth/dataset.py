@@ -243,6 +243,143 @@ def _write_map(path: str, scenes: Sequence[ScenePlan]) -> Tuple[int, int]:
     return width_px, height_px
 
 
+def _make_dirs(out: str, channels: Sequence[str]) -> None:
+    """The nuScenes folders: samples/ and sweeps/ per channel, the table folder and maps/."""
+    for folder in ("samples", "sweeps"):
+        for channel in channels:
+            os.makedirs(os.path.join(out, folder, channel), exist_ok=True)
+    os.makedirs(os.path.join(out, tx.VERSION), exist_ok=True)
+    os.makedirs(os.path.join(out, "maps"), exist_ok=True)
+
+
+class _Vocabulary:
+    """Tokens and tables of the fixed vocabulary (sensors, categories, attributes, visibility
+    levels), the same for every seed."""
+
+    def __init__(self, channels: Sequence[str]):
+        self.sensor_token = {ch: _Tokens.fixed("sensor", ch) for ch in channels}
+        self.sensor = [{"token": self.sensor_token[ch], "channel": ch,
+                        "modality": "lidar" if ch == tx.LIDAR_CHANNEL else "camera"}
+                       for ch in channels]
+        self.category_token = {c.detection_name: _Tokens.fixed("category", c.category)
+                               for c in tx.CLASSES}
+        self.category = [{"token": self.category_token[c.detection_name], "name": c.category,
+                          "description": tx.CATEGORY_DESCRIPTIONS[c.category],
+                          "index": tx.CATEGORY_INDEX[c.category]} for c in tx.CLASSES]
+        self.attribute_token = {name: _Tokens.fixed("attribute", name)
+                                for name, _ in tx.ATTRIBUTES}
+        self.attribute = [{"token": self.attribute_token[name], "name": name, "description": desc}
+                          for name, desc in tx.ATTRIBUTES]
+        self.visibility = [{"token": tok, "level": level, "description": desc}
+                           for tok, level, desc, _ in tx.VISIBILITY]
+
+
+class _SceneTables:
+    """The tables built scene by scene (log, calibrated_sensor, scene, sample, sample_data,
+    ego_pose) and, in the same order as sample_data, the render job of every sensor file."""
+
+    def __init__(self, out: str, seed: int, sweeps: int, channels: Sequence[str],
+                 sensor_token: Dict[str, str]):
+        self.out, self.seed, self.sweeps = out, seed, sweeps
+        self.channels, self.sensor_token = channels, sensor_token
+        self.token = _Tokens(seed)
+        self.log: List[dict] = []
+        self.calibrated_sensor: List[dict] = []
+        self.scene: List[dict] = []
+        self.sample: List[dict] = []
+        self.sample_data: List[dict] = []
+        self.ego_pose: List[dict] = []
+        self.jobs: List[Tuple[str, SensorJob]] = []
+        # (scene, channel, sample index) of key frames, (-1, "", -1) for sweeps
+        self.job_keys: List[Tuple[int, str, int]] = []
+
+    def add(self, plan: ScenePlan) -> None:
+        """The records of one scene: its log, calibrations, samples, scene and sensor frames."""
+        token, channels, i = self.token, self.channels, plan.index
+        log_token = token("log", i)
+        self.log.append({"token": log_token, "logfile": plan.logfile, "vehicle": tx.VEHICLE_NAME,
+                         "date_captured": plan.date_captured, "location": tx.LOCATION})
+        cs_token = {}
+        for ch in channels:
+            cal = plan.calibration[ch]
+            cs_token[ch] = token("calibrated_sensor", i, ch)
+            self.calibrated_sensor.append({
+                "token": cs_token[ch], "sensor_token": self.sensor_token[ch],
+                "translation": _floats(cal.translation_m),
+                "rotation": matrix_to_quaternion(cal.rotation),
+                "camera_intrinsic": [] if cal.intrinsic is None
+                                    else [_floats(r) for r in cal.intrinsic]})
+        sample_tokens = [token("sample", i, k) for k in range(plan.n_samples)]
+        for k, tok in enumerate(sample_tokens):
+            self.sample.append({
+                "token": tok, "timestamp": plan.start_us + k * tx.KEY_FRAME_PERIOD_US,
+                "prev": sample_tokens[k - 1] if k > 0 else "",
+                "next": sample_tokens[k + 1] if k + 1 < plan.n_samples else "",
+                "scene_token": token("scene", i)})
+        self.scene.append({
+            "token": token("scene", i), "log_token": log_token,
+            "nbr_samples": plan.n_samples, "first_sample_token": sample_tokens[0],
+            "last_sample_token": sample_tokens[-1], "name": plan.name,
+            "description": f"Synthetic drive, seed {self.seed}, {len(plan.objects)} objects, "
+                           f"ego {plan.ego.speed_mps:.1f} m/s"})
+        self._add_frames(plan, cs_token, sample_tokens)
+
+    def _add_frames(self, plan: ScenePlan, cs_token: Dict[str, str],
+                    sample_tokens: List[str]) -> None:
+        """sample_data, ego_pose and the render job of every frame of every channel of a scene."""
+        token, i = self.token, plan.index
+        present = [_present(plan, k) for k in range(plan.n_samples)]
+        for ch in self.channels:
+            is_lidar = ch == tx.LIDAR_CHANNEL
+            schedule = _sensor_schedule(plan, ch, self.sweeps)
+            sd_tokens = [token("sample_data", i, ch, ts) for ts, _, _ in schedule]
+            for n, (ts, key, k) in enumerate(schedule):
+                folder = "samples" if key else "sweeps"
+                ext = "pcd.bin" if is_lidar else "jpg"
+                filename = f"{folder}/{ch}/{plan.logfile}__{ch}__{ts}.{ext}"
+                t_s = plan.seconds(ts)
+                ego_xy, ego_yaw = plan.ego.pose_at(t_s)
+                self.sample_data.append({
+                    "token": sd_tokens[n], "sample_token": sample_tokens[k],
+                    "ego_pose_token": sd_tokens[n], "calibrated_sensor_token": cs_token[ch],
+                    "timestamp": ts, "fileformat": "pcd" if is_lidar else "jpg",
+                    "is_key_frame": key, "height": 0 if is_lidar else tx.IMAGE_HEIGHT_PX,
+                    "width": 0 if is_lidar else tx.IMAGE_WIDTH_PX, "filename": filename,
+                    "prev": sd_tokens[n - 1] if n > 0 else "",
+                    "next": sd_tokens[n + 1] if n + 1 < len(schedule) else ""})
+                self.ego_pose.append({"token": sd_tokens[n], "timestamp": ts,
+                                      "translation": [float(ego_xy[0]), float(ego_xy[1]), 0.0],
+                                      "rotation": yaw_quaternion(ego_yaw)})
+                job = SensorJob(path=os.path.join(self.out, filename),
+                                calibration=plan.calibration[ch],
+                                ego_xy=(float(ego_xy[0]), float(ego_xy[1])), ego_yaw_rad=ego_yaw,
+                                road=plan.ego, objects=_frame_objects(plan, present[k], t_s),
+                                want_stats=key)
+                self.jobs.append(("lidar" if is_lidar else "camera", job))
+                self.job_keys.append((i, ch, k) if key else (-1, "", -1))
+
+
+def _summary(plans: Sequence[ScenePlan], seed: int, samples_per_scene: int, sweeps: int,
+             built: _SceneTables, stats: List[object], instance: List[dict],
+             sample_annotation: List[dict], class_counts: Dict[str, int],
+             map_size_px: Tuple[int, int]) -> Dict[str, object]:
+    """What synth_summary.json holds: the parameters and the counts of what was written."""
+    lidar_key_points = [sum(r.values()) for (i, ch, k), r in zip(built.job_keys, stats)
+                        if i >= 0 and ch == tx.LIDAR_CHANNEL]
+    return {
+        "generator": "bevdepth_npu.synth", "format": 1, "version": tx.VERSION, "seed": seed,
+        "scenes": [p.name for p in plans], "samples_per_scene": samples_per_scene, "sweeps": sweeps,
+        "image_size_px": [tx.IMAGE_WIDTH_PX, tx.IMAGE_HEIGHT_PX], "jpeg_quality": tx.JPEG_QUALITY,
+        "samples": len(built.sample), "sample_data": len(built.sample_data),
+        "camera_files": sum(1 for kind, _ in built.jobs if kind == "camera"),
+        "lidar_files": sum(1 for kind, _ in built.jobs if kind == "lidar"),
+        "instances": len(instance), "annotations": len(sample_annotation),
+        "annotations_per_class": class_counts,
+        "box_lidar_points_per_key_frame_mean": float(np.mean(lidar_key_points)),
+        "map_size_px": list(map_size_px),
+    }
+
+
 def generate(out_dir: str, scenes: int = tx.DEFAULT_SCENES,
              samples_per_scene: int = tx.DEFAULT_SAMPLES_PER_SCENE, sweeps: int = tx.DEFAULT_SWEEPS,
              seed: int = tx.DEFAULT_SEED, *, force: bool = False, workers: Optional[int] = None,
@@ -266,82 +403,12 @@ def generate(out_dir: str, scenes: int = tx.DEFAULT_SCENES,
 
     plans = plan_scenes(scenes, samples_per_scene, seed)
     channels = tx.CAMERA_CHANNELS + (tx.LIDAR_CHANNEL,)
-    for folder in ("samples", "sweeps"):
-        for channel in channels:
-            os.makedirs(os.path.join(out, folder, channel), exist_ok=True)
-    os.makedirs(os.path.join(out, tx.VERSION), exist_ok=True)
-    os.makedirs(os.path.join(out, "maps"), exist_ok=True)
-
-    # fixed vocabulary
-    sensor_token = {ch: _Tokens.fixed("sensor", ch) for ch in channels}
-    sensor = [{"token": sensor_token[ch], "channel": ch,
-               "modality": "lidar" if ch == tx.LIDAR_CHANNEL else "camera"} for ch in channels]
-    category_token = {c.detection_name: _Tokens.fixed("category", c.category) for c in tx.CLASSES}
-    category = [{"token": category_token[c.detection_name], "name": c.category,
-                 "description": tx.CATEGORY_DESCRIPTIONS[c.category],
-                 "index": tx.CATEGORY_INDEX[c.category]} for c in tx.CLASSES]
-    attribute_token = {name: _Tokens.fixed("attribute", name) for name, _ in tx.ATTRIBUTES}
-    attribute = [{"token": attribute_token[name], "name": name, "description": desc}
-                 for name, desc in tx.ATTRIBUTES]
-    visibility = [{"token": tok, "level": level, "description": desc}
-                  for tok, level, desc, _ in tx.VISIBILITY]
-
-    log, calibrated_sensor, scene_table, sample, sample_data, ego_pose = [], [], [], [], [], []
-    jobs: List[Tuple[str, SensorJob]] = []
-    job_keys: List[Tuple[int, str, int]] = []       # (scene, channel, sample index) of key frames
+    _make_dirs(out, channels)
+    vocab = _Vocabulary(channels)
+    built = _SceneTables(out, seed, sweeps, channels, vocab.sensor_token)
     for plan in plans:
-        i = plan.index
-        log_token = token("log", i)
-        log.append({"token": log_token, "logfile": plan.logfile, "vehicle": tx.VEHICLE_NAME,
-                    "date_captured": plan.date_captured, "location": tx.LOCATION})
-        cs_token = {}
-        for ch in channels:
-            cal = plan.calibration[ch]
-            cs_token[ch] = token("calibrated_sensor", i, ch)
-            calibrated_sensor.append({
-                "token": cs_token[ch], "sensor_token": sensor_token[ch],
-                "translation": _floats(cal.translation_m),
-                "rotation": matrix_to_quaternion(cal.rotation),
-                "camera_intrinsic": [] if cal.intrinsic is None else [_floats(r) for r in cal.intrinsic]})
-        sample_tokens = [token("sample", i, k) for k in range(plan.n_samples)]
-        for k, tok in enumerate(sample_tokens):
-            sample.append({"token": tok, "timestamp": plan.start_us + k * tx.KEY_FRAME_PERIOD_US,
-                           "prev": sample_tokens[k - 1] if k > 0 else "",
-                           "next": sample_tokens[k + 1] if k + 1 < plan.n_samples else "",
-                           "scene_token": token("scene", i)})
-        scene_table.append({"token": token("scene", i), "log_token": log_token,
-                            "nbr_samples": plan.n_samples, "first_sample_token": sample_tokens[0],
-                            "last_sample_token": sample_tokens[-1], "name": plan.name,
-                            "description": f"Synthetic drive, seed {seed}, {len(plan.objects)} objects, "
-                                           f"ego {plan.ego.speed_mps:.1f} m/s"})
-        present = [_present(plan, k) for k in range(plan.n_samples)]
-        for ch in channels:
-            is_lidar = ch == tx.LIDAR_CHANNEL
-            schedule = _sensor_schedule(plan, ch, sweeps)
-            sd_tokens = [token("sample_data", i, ch, ts) for ts, _, _ in schedule]
-            for n, (ts, key, k) in enumerate(schedule):
-                folder = "samples" if key else "sweeps"
-                ext = "pcd.bin" if is_lidar else "jpg"
-                filename = f"{folder}/{ch}/{plan.logfile}__{ch}__{ts}.{ext}"
-                t_s = plan.seconds(ts)
-                ego_xy, ego_yaw = plan.ego.pose_at(t_s)
-                sample_data.append({
-                    "token": sd_tokens[n], "sample_token": sample_tokens[k],
-                    "ego_pose_token": sd_tokens[n], "calibrated_sensor_token": cs_token[ch],
-                    "timestamp": ts, "fileformat": "pcd" if is_lidar else "jpg",
-                    "is_key_frame": key, "height": 0 if is_lidar else tx.IMAGE_HEIGHT_PX,
-                    "width": 0 if is_lidar else tx.IMAGE_WIDTH_PX, "filename": filename,
-                    "prev": sd_tokens[n - 1] if n > 0 else "",
-                    "next": sd_tokens[n + 1] if n + 1 < len(schedule) else ""})
-                ego_pose.append({"token": sd_tokens[n], "timestamp": ts,
-                                 "translation": [float(ego_xy[0]), float(ego_xy[1]), 0.0],
-                                 "rotation": yaw_quaternion(ego_yaw)})
-                job = SensorJob(path=os.path.join(out, filename), calibration=plan.calibration[ch],
-                                ego_xy=(float(ego_xy[0]), float(ego_xy[1])), ego_yaw_rad=ego_yaw,
-                                road=plan.ego, objects=_frame_objects(plan, present[k], t_s),
-                                want_stats=key)
-                jobs.append(("lidar" if is_lidar else "camera", job))
-                job_keys.append((i, ch, k) if key else (-1, "", -1))
+        built.add(plan)
+    jobs = built.jobs
 
     map_token = token("map")
     map_filename = f"maps/{map_token}.png"
@@ -352,32 +419,21 @@ def generate(out_dir: str, scenes: int = tx.DEFAULT_SCENES,
     stats = _render_all(jobs, workers, say)
 
     sample_annotation, instance, class_counts = _annotations(
-        plans, seed, job_keys, stats, attribute_token, category_token)
+        plans, seed, built.job_keys, stats, vocab.attribute_token, vocab.category_token)
     map_table = [{"token": map_token, "category": "semantic_prior", "filename": map_filename,
-                  "log_tokens": [entry["token"] for entry in log]}]
+                  "log_tokens": [entry["token"] for entry in built.log]}]
 
-    lidar_key_points = [sum(r.values()) for (i, ch, k), r in zip(job_keys, stats)
-                        if i >= 0 and ch == tx.LIDAR_CHANNEL]
-    summary: Dict[str, object] = {
-        "generator": "bevdepth_npu.synth", "format": 1, "version": tx.VERSION, "seed": seed,
-        "scenes": [p.name for p in plans], "samples_per_scene": samples_per_scene, "sweeps": sweeps,
-        "image_size_px": [tx.IMAGE_WIDTH_PX, tx.IMAGE_HEIGHT_PX], "jpeg_quality": tx.JPEG_QUALITY,
-        "samples": len(sample), "sample_data": len(sample_data),
-        "camera_files": sum(1 for kind, _ in jobs if kind == "camera"),
-        "lidar_files": sum(1 for kind, _ in jobs if kind == "lidar"),
-        "instances": len(instance), "annotations": len(sample_annotation),
-        "annotations_per_class": class_counts,
-        "box_lidar_points_per_key_frame_mean": float(np.mean(lidar_key_points)),
-        "map_size_px": list(map_size_px),
-    }
-    tables = {"attribute": attribute, "calibrated_sensor": calibrated_sensor, "category": category,
-              "ego_pose": ego_pose, "instance": instance, "log": log, "map": map_table,
-              "sample": sample, "sample_annotation": sample_annotation, "sample_data": sample_data,
-              "scene": scene_table, "sensor": sensor, "visibility": visibility}
+    summary = _summary(plans, seed, samples_per_scene, sweeps, built, stats, instance,
+                       sample_annotation, class_counts, map_size_px)
+    tables = {"attribute": vocab.attribute, "calibrated_sensor": built.calibrated_sensor,
+              "category": vocab.category, "ego_pose": built.ego_pose, "instance": instance,
+              "log": built.log, "map": map_table, "sample": built.sample,
+              "sample_annotation": sample_annotation, "sample_data": built.sample_data,
+              "scene": built.scene, "sensor": vocab.sensor, "visibility": vocab.visibility}
     for name in TABLES:
         _write_json(os.path.join(out, tx.VERSION, f"{name}.json"), tables[name])
     _write_json(os.path.join(out, SUMMARY_FILE), summary)
-    say(f"synth: done: {len(sample)} samples, {len(sample_annotation)} annotations, "
+    say(f"synth: done: {len(built.sample)} samples, {len(sample_annotation)} annotations, "
         f"{len(jobs)} sensor files in {out}")
     result = dict(summary)
     result["out_dir"] = out
