@@ -61,7 +61,13 @@ def pins_markdown() -> str:
     from bevdepth_npu import pins
     rows = ["| name | upstream | pin | patch | applied to |", "|---|---|---|---|---|"]
     for p in pins.PINS:
-        pin = f"`{p.commit}`" if p.kind == "git" else f"`{p.wheel}` (sha256 `{p.wheel_sha256}`)"
+        if p.kind == "git":
+            pin = f"`{p.commit}`"
+        elif p.platform_wheels:
+            shas = ", ".join(f"{machine} `{sha}`" for machine, sha in p.platform_wheels)
+            pin = f"`{p.wheel}` CPython {p.wheel_python} (sha256 {shas})"
+        else:
+            pin = f"`{p.wheel}` (sha256 `{p.wheel_sha256}`)"
         patch = f"`{p.patch}`" if p.patched else "none"
         rows.append(f"| {p.name} | {p.url} | {pin} ({p.ref}) | {patch} | {p.applied_to} |")
     return "\n".join(rows) + "\n"

@@ -6,7 +6,7 @@ Layout::
     src/<name>                  pristine clone of the upstream, HEAD detached at the pin
     trees/<name>                patched working tree (what the environment installs)
     wheels/                     wheels built from pinned sources, keyed by what went into them
-    downloads/                  files fetched from PyPI (the Lightning wheel)
+    downloads/                  files fetched from PyPI (the wheels of the wheel pins)
     venvs/<device>-py<X.Y>      environments built by ``bevdepth-npu env``
 """
 from __future__ import annotations
