@@ -38,6 +38,9 @@ COMMANDS = {
               "verify every patch applies to its pin and re-exports byte-identically"),
     "env": ("bevdepth_npu.envbuild", "add_arguments", "run",
             "build or reuse the virtualenv with the patched stack"),
+    "npu-build": ("bevdepth_npu.mmcv_npu_build", "add_arguments", "run",
+                  "build the pinned mmcv with FORCE_NPU=1 over the torch-npu wheel pin, off "
+                  "the hardware"),
     "synth": ("bevdepth_npu.synth", "add_arguments", "run",
               "write a synthetic nuScenes dataset (v1.0-mini layout)"),
     "run": ("bevdepth_npu.run", "add_arguments", "run",

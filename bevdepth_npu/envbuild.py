@@ -78,6 +78,11 @@ def _patch_body_hash(pin: pins.Pin) -> str:
     return _sha(split(path.read_bytes())[1]) if path.is_file() else "none"
 
 
+# public names for the other builders of pinned wheels (the mmcv NPU build check)
+sha = _sha
+patch_body_hash = _patch_body_hash
+
+
 def heartbeat_gaps():
     """Seconds between a slow stage's "still running" lines: two in its first minute, then one
     every two minutes (a 20-minute mmcv build prints 11, not 40)."""
@@ -204,12 +209,19 @@ class Env:
         self.pip(["--no-deps", *NO_DEPS], "requirements")
 
     def _wheel(self, pin: pins.Pin, stage: str, build_env: Dict[str, str],
-               expected_objects: int = 0) -> None:
+               expected_objects: int = 0, built_over: str = "") -> None:
+        """Build (or reuse) and install the wheel of ``pin``. ``built_over``: what the build
+        compiles against beyond torch (on npu, ``torch_npu_identity``), in the key and in the
+        wheel's stamp, so that a wheel built over a stand-in is never reused over the real
+        library."""
         tree = sync_tree(pin)
-        key = _sha(pin.commit, _patch_body_hash(pin), self.torch_version(), self.python_tag(),
-                   self.device, sorted(build_env.items()))
+        parts = [pin.commit, _patch_body_hash(pin), self.torch_version(), self.python_tag(),
+                 self.device, sorted(build_env.items())]
+        key = _sha(*parts, built_over) if built_over else _sha(*parts)
         cache = paths.wheels_dir() / pin.name / key
         wheels = sorted(cache.glob("*.whl")) if cache.is_dir() else []
+        if wheels and built_over:
+            check_built_over(cache, built_over)
         if wheels:
             log(f"  {stage}: reusing cached wheel {wheels[0].name} ({key})")
         else:
@@ -230,6 +242,8 @@ class Env:
                 if len(built) != 1:
                     raise UserError(f"{stage}: expected one wheel in {tmp}, found {built}")
                 cache.parent.mkdir(parents=True, exist_ok=True)
+                if built_over:
+                    write_wheel_stamp(tmp, built_over)
                 if cache.exists():
                     shutil.rmtree(cache)
                 tmp.rename(cache)
@@ -242,10 +256,20 @@ class Env:
     def stage_mmcv(self) -> None:
         env = {"MMCV_WITH_OPS": "1"}
         if self.device == "npu":
-            env["FORCE_NPU"] = "1"
-        elif self.device == "cuda":
+            self.stage_mmcv_npu()
+            return
+        if self.device == "cuda":
             env["FORCE_CUDA"] = "1"
         self._wheel(pins.get("mmcv"), "mmcv", env, expected_objects=73 if self.device == "cpu" else 0)
+
+    def stage_mmcv_npu(self) -> None:
+        """mmcv with FORCE_NPU=1 against the torch_npu this environment sees, keyed by it."""
+        over = torch_npu_identity(self.python)
+        if "stand-in" in over:
+            log(f"  mmcv: building over {over}: this is not a real Ascend server")
+        self._wheel(pins.get("mmcv"), "mmcv", {"MMCV_WITH_OPS": "1", "FORCE_NPU": "1"},
+                    expected_objects=NPU_MMCV_SOURCES, built_over=over)
+        self.stamp["mmcv_built_over"] = over
 
     def stage_mmdet3d(self) -> None:
         self._wheel(pins.get("mmdetection3d"), "mmdet3d", {})
@@ -293,6 +317,55 @@ class Env:
         self.stamp["device"] = self.device
 
 
+# what the pinned mmcv compiles with FORCE_NPU=1 (measured: bevdepth-npu npu-build)
+NPU_MMCV_SOURCES = 101
+WHEEL_STAMP = "bevdepth-npu-build.json"
+# where torch_npu is and what it is, without importing it (the real one needs CANN to import);
+# the mmcv NPU build check's stand-in carries a marker file
+TORCH_NPU_IDENTITY = (
+    "import importlib.util, json, pathlib, re\n"
+    "spec = importlib.util.find_spec('torch_npu')\n"
+    "pkg = pathlib.Path(spec.origin).parent if spec and spec.origin else None\n"
+    "ver = pkg / 'version.py' if pkg else None\n"
+    "m = re.search(r\"__version__ = '([^']+)'\", ver.read_text()) if ver and ver.is_file() "
+    "else None\n"
+    "marker = pkg / 'BEVDEPTH_NPU_STAND_IN' if pkg else None\n"
+    "print(json.dumps({'found': bool(pkg), 'version': m.group(1) if m else '?', "
+    "'stand_in': marker.read_text().strip() if marker and marker.is_file() else ''}))\n")
+
+
+def torch_npu_identity(python: str) -> str:
+    """``torch_npu 2.1.0.postN`` as ``python`` would import it; with the stand-in's marker text
+    where it is the mmcv NPU build check's stand-in; ``torch_npu none`` where there is none."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # as the stages run the environment's Python
+    proc = subprocess.run([python, "-c", TORCH_NPU_IDENTITY], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        return "torch_npu none"
+    facts = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    if not facts["found"]:
+        return "torch_npu none"
+    label = f"torch_npu {facts['version']}"
+    return f"{label} stand-in ({facts['stand_in']})" if facts["stand_in"] else label
+
+
+def write_wheel_stamp(wheel_dir: Path, built_over: str) -> None:
+    atomic_write(wheel_dir / WHEEL_STAMP, (json.dumps({"built_over": built_over}, indent=1)
+                                           + "\n").encode())
+
+
+def check_built_over(wheel_dir: Path, built_over: str) -> None:
+    """A cached wheel is reused only over what it was built over (the key says so too; this
+    catches a cache entry written by hand or by an older builder)."""
+    stamp = wheel_dir / WHEEL_STAMP
+    recorded = json.loads(stamp.read_text()).get("built_over") if stamp.is_file() else None
+    if recorded != built_over:
+        recorded = recorded or "an unrecorded torch_npu"
+        raise UserError(f"the cached wheel in {wheel_dir} was built over {recorded}, not over "
+                        f"{built_over}; move that directory away and run again")
+
+
 def sync_tree(pin: pins.Pin) -> Path:
     """The working tree trees/NAME holding exactly the repository's patch (if there is one)."""
     from bevdepth_npu import patches
@@ -314,7 +387,7 @@ def stage_keys(env: Env) -> Dict[str, str]:
         "venv": _sha(BUILD_TOOLS),
         "torch": _sha(TORCH, TORCHVISION, env.device),
         "requirements": _sha(req, NO_DEPS),
-        "mmcv": _sha(pins.get("mmcv").commit, _patch_body_hash(pins.get("mmcv")), env.device),
+        "mmcv": mmcv_stage_key(env),
         "mmdet3d": _sha(pins.get("mmdetection3d").commit,
                         _patch_body_hash(pins.get("mmdetection3d"))),
         "lightning": _sha(_patch_body_hash(pins.get("lightning"))),
@@ -323,6 +396,14 @@ def stage_keys(env: Env) -> Dict[str, str]:
         "helper": _sha(paths.REPO_ROOT),
         "verify": "always",
     }
+
+
+def mmcv_stage_key(env: Env) -> str:
+    parts = (pins.get("mmcv").commit, _patch_body_hash(pins.get("mmcv")), env.device)
+    if env.device != "npu":
+        return _sha(*parts)
+    # over another torch_npu (a stand-in replaced by the real one, a new release) mmcv is rebuilt
+    return _sha(*parts, torch_npu_identity(env.base_python))
 
 
 def fetch_missing(mirror_entries: Optional[List[str]] = None) -> None:
