@@ -12,7 +12,8 @@ mmcv-full from the pin + mmcv.patch (MMCV_WITH_OPS=1, FORCE_NPU=1 on npu); mmdet
 mmdetection3d.patch; lightning.patch into the venv's pytorch_lightning; the patched BEVDepth in
 develop mode (CUDA extensions only where CUDA is present); this helper package. Wheels built from
 pinned sources are cached under ``<cache>/wheels`` keyed by source commit, patch hash, torch,
-Python and device, so a second environment, or a rebuilt one, takes seconds for them.
+Python and device (on npu also the torch_npu they were built against, a stand-in included: see
+``mmcv_npu_build``), so a second environment, or a rebuilt one, takes seconds for them.
 """
 from __future__ import annotations
 
@@ -215,9 +216,8 @@ class Env:
         wheel's stamp, so that a wheel built over a stand-in is never reused over the real
         library."""
         tree = sync_tree(pin)
-        parts = [pin.commit, _patch_body_hash(pin), self.torch_version(), self.python_tag(),
-                 self.device, sorted(build_env.items())]
-        key = _sha(*parts, built_over) if built_over else _sha(*parts)
+        key = wheel_key(pin, self.torch_version(), self.python_tag(), self.device, build_env,
+                        built_over)
         cache = paths.wheels_dir() / pin.name / key
         wheels = sorted(cache.glob("*.whl")) if cache.is_dir() else []
         if wheels and built_over:
@@ -264,10 +264,11 @@ class Env:
 
     def stage_mmcv_npu(self) -> None:
         """mmcv with FORCE_NPU=1 against the torch_npu this environment sees, keyed by it."""
+        from bevdepth_npu import mmcv_npu_build
         over = torch_npu_identity(self.python)
         if "stand-in" in over:
             log(f"  mmcv: building over {over}: this is not a real Ascend server")
-        self._wheel(pins.get("mmcv"), "mmcv", {"MMCV_WITH_OPS": "1", "FORCE_NPU": "1"},
+        self._wheel(pins.get("mmcv"), "mmcv", dict(mmcv_npu_build.BUILD_ENV),
                     expected_objects=NPU_MMCV_SOURCES, built_over=over)
         self.stamp["mmcv_built_over"] = over
 
@@ -334,6 +335,20 @@ TORCH_NPU_IDENTITY = (
     "'stand_in': marker.read_text().strip() if marker and marker.is_file() else ''}))\n")
 
 
+def wheel_key(pin: pins.Pin, torch_version: str, python_tag: str, device: str,
+              build_env: Dict[str, str], built_over: str = "") -> str:
+    """The cache key of a wheel built from a pinned source (``<cache>/wheels/<name>/<key>``)."""
+    parts = [pin.commit, _patch_body_hash(pin), torch_version, python_tag, device,
+             sorted(build_env.items())]
+    return _sha(*parts, built_over) if built_over else _sha(*parts)
+
+
+def torch_npu_label(version: str, stand_in: str = "") -> str:
+    """How a torch_npu is named in keys and stamps; ``stand_in``: the stand-in's marker text."""
+    label = f"torch_npu {version}"
+    return f"{label} stand-in ({stand_in.strip()})" if stand_in.strip() else label
+
+
 def torch_npu_identity(python: str) -> str:
     """``torch_npu 2.1.0.postN`` as ``python`` would import it; with the stand-in's marker text
     where it is the mmcv NPU build check's stand-in; ``torch_npu none`` where there is none."""
@@ -346,8 +361,7 @@ def torch_npu_identity(python: str) -> str:
     facts = json.loads(proc.stdout.decode().strip().splitlines()[-1])
     if not facts["found"]:
         return "torch_npu none"
-    label = f"torch_npu {facts['version']}"
-    return f"{label} stand-in ({facts['stand_in']})" if facts["stand_in"] else label
+    return torch_npu_label(facts["version"], facts["stand_in"])
 
 
 def write_wheel_stamp(wheel_dir: Path, built_over: str) -> None:

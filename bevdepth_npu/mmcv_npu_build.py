@@ -124,14 +124,22 @@ def stand_in(root: Path, wheel: Path) -> Path:
             link.symlink_to(wheel / name, target_is_directory=True)
     shutil.copyfile(wheel / "version.py", pkg / "version.py")
     shutil.copyfile(wheel / "utils" / "cpp_extension.py", pkg / "utils" / "cpp_extension.py")
-    version = re.search(r"__version__ = '([^']+)'", (wheel / "version.py").read_text()).group(1)
+    version = _wheel_version(wheel)
     (pkg / "__init__.py").write_text(STAND_IN_INIT.format(version=version))
     (pkg / "utils" / "__init__.py").write_text(STAND_IN_UTILS_INIT)
-    (pkg / STAND_IN_MARKER).write_text(
-        f"stand-in {STAND_IN_VERSION} over the torch-npu {version} wheel "
-        f"(sha256 {upstream.expected_wheel_sha256(pins.get('torch-npu'))}); written by "
-        f"bevdepth-npu for the mmcv NPU build check; it runs no NPU\n")
+    (pkg / STAND_IN_MARKER).write_text(stand_in_marker_text(wheel))
     return root
+
+
+def _wheel_version(wheel: Optional[Path] = None) -> str:
+    text = ((wheel or wheel_source()) / "version.py").read_text()
+    return re.search(r"__version__ = '([^']+)'", text).group(1)
+
+
+def stand_in_marker_text(wheel: Optional[Path] = None) -> str:
+    return (f"stand-in {STAND_IN_VERSION} over the torch-npu {_wheel_version(wheel)} wheel "
+            f"(sha256 {upstream.expected_wheel_sha256(pins.get('torch-npu'))}); written by "
+            f"bevdepth-npu for the mmcv NPU build check; it runs no NPU\n")
 
 
 # ----------------------------------------------------------------------------- inputs and key
@@ -349,6 +357,28 @@ def _store(result: dict, wheel: Path, logfile: Path) -> None:
         final.rename(final.parent / f"{key}.old-{int(time.time())}")
     tmp.rename(final)
     result.update(key=key, log=str(final / "build.log"))
+    publish_for_env(result, final / wheel.name)
+
+
+def publish_for_env(result: dict, wheel: Path) -> Path:
+    """Put the wheel where ``bevdepth-npu env --device npu`` over this stand-in looks for it
+    (``wheels/mmcv/<key>``, the key and the stamp naming the stand-in): the end-to-end test of the
+    npu environment then reuses this build. A real torch_npu has another key."""
+    from bevdepth_npu import envbuild
+    facts = result["inputs"]
+    over = envbuild.torch_npu_label(_wheel_version(), stand_in_marker_text())
+    key = envbuild.wheel_key(pins.get("mmcv"), facts["torch"], facts["python"], "npu",
+                             BUILD_ENV, over)
+    final = paths.wheels_dir() / "mmcv" / key
+    if not (final / wheel.name).is_file():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=str(final.parent)))
+        shutil.copy2(wheel, tmp / wheel.name)
+        envbuild.write_wheel_stamp(tmp, over)
+        if final.exists():
+            final.rename(final.parent / f"{key}.old-{int(time.time())}")
+        tmp.rename(final)
+    return final
 
 
 def check(python: Optional[str] = None, rebuild: bool = False) -> dict:

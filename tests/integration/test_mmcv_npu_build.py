@@ -112,3 +112,19 @@ def test_pinned_mmcv_builds_with_force_npu_over_the_wheel(wheel):
     assert result["inputs"]["torch_npu"].startswith("stand-in")
     stored = mmcv_npu_build.result_dir(result["key"])
     assert (stored / mmcv_npu_build.RESULT).is_file() and (stored / result["wheel"]).is_file()
+
+
+def test_env_over_the_stand_in_names_it_as_the_check_publishes_it(tmp_path, wheel):
+    """`env --device npu` over the stand-in computes the key the check's wheel is published
+    under (so it reuses the build); the real package, without the marker, gets another."""
+    import venv
+    root = mmcv_npu_build.stand_in(tmp_path / "stand-in", wheel)
+    where = tmp_path / "venv"
+    venv.create(where, with_pip=False)
+    site = next(where.glob("lib/python*/site-packages"))
+    (site / "stand_in.pth").write_text(str(root) + "\n")
+    seen = envbuild.torch_npu_identity(str(where / "bin" / "python"))
+    expected = envbuild.torch_npu_label("2.1.0.post12", mmcv_npu_build.stand_in_marker_text())
+    assert seen == expected and "stand-in" in seen
+    (root / "torch_npu" / mmcv_npu_build.STAND_IN_MARKER).unlink()
+    assert envbuild.torch_npu_identity(str(where / "bin" / "python")) == "torch_npu 2.1.0.post12"
