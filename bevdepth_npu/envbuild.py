@@ -37,6 +37,7 @@ from bevdepth_npu.patchfile import split
 
 TORCH = "torch==2.1.0"
 TORCHVISION = "torchvision==0.16.0"
+NUMPY = "numpy==1.23.5"  # requirements.txt's pin, installed with torch so that it is not replaced
 BUILD_TOOLS = ("setuptools==69.5.1", "wheel==0.43.0", "ninja==1.11.1.1")
 # Installed without their own requirements (see requirements.txt for why)
 NO_DEPS = ("lyft_dataset_sdk==0.0.8",)
@@ -182,21 +183,41 @@ class Env:
 
     def stage_torch(self) -> None:
         if self.device == "npu":
-            proc = self.py("import torch, torch_npu; print(torch.__version__, torch_npu.__version__)")
-            if proc.returncode != 0:
-                raise UserError(
-                    "on npu this environment uses the torch and torch_npu of your CANN setup, "
-                    f"and {self.python} cannot import them:\n  "
-                    + proc.stdout.decode().strip().splitlines()[-1]
-                    + "\nInstall CANN (8.0 or newer) and `source set_env.sh`, then install "
-                      "torch==2.1.0 (the +cpu build from download.pytorch.org) and the torch_npu "
-                      "2.1.0 wheel that matches your CANN into the base Python, and run this "
-                      "again (bevdepth-npu never installs CANN)")
-            if not proc.stdout.decode().startswith("2.1.0"):
-                raise UserError(f"on npu torch 2.1.0 is required; found {proc.stdout.decode()}")
-            self.pip([TORCHVISION, "--no-deps"], "torch")
+            self.stage_torch_npu()
             return
-        self.pip([TORCH, TORCHVISION, "numpy==1.23.5"], "torch")
+        self.pip([TORCH, TORCHVISION, NUMPY], "torch")
+
+    def stage_torch_npu(self) -> None:
+        """Check the torch and torch_npu of the CANN setup; torchvision without requirements."""
+        # torch and torch_npu may warn on import (on stderr, merged here): read the marked line
+        proc = self.py("import torch, torch_npu\n"
+                       "print('bevdepth-npu-versions', torch.__version__, torch_npu.__version__)")
+        out = proc.stdout.decode(errors="replace").strip().splitlines()
+        if proc.returncode != 0:
+            raise UserError(
+                "on npu this environment uses the torch and torch_npu of your CANN setup, "
+                f"and {self.python} cannot import them:\n  " + (out[-1] if out else "")
+                + "\nInstall CANN (8.0 or newer) and `source set_env.sh`, then install "
+                  "torch==2.1.0 (the +cpu build from download.pytorch.org) and the torch_npu "
+                  "2.1.0 wheel that matches your CANN into the base Python, and run this "
+                  "again (bevdepth-npu never installs CANN)")
+        versions = [line.split()[1:] for line in out if line.startswith("bevdepth-npu-versions ")]
+        torch_version, npu_version = versions[-1] if versions else ("?", "?")
+        if not torch_version.startswith("2.1.0"):
+            raise UserError(f"on npu torch 2.1.0 is required; found torch {torch_version} "
+                            f"(torch_npu {npu_version})")
+        log(f"  torch: torch {torch_version}, torch_npu {npu_version} from the base Python")
+        self.pip([TORCHVISION, "--no-deps"], "torch")
+        # torchvision's other requirements (requests, imported by torchvision.datasets, is in
+        # no other requirement of the stack), with torch held at the installed one
+        proc = self.py("import importlib.metadata as m\n"
+                       "print(*[r for r in m.requires('torchvision') or [] "
+                       "if not r.startswith('torch') and 'extra ==' not in r], sep='\\n')")
+        extra = [line.strip() for line in proc.stdout.decode().splitlines() if line.strip()]
+        if proc.returncode != 0:
+            raise UserError(f"reading torchvision's requirements failed: {extra[-1:]}")
+        if extra:
+            self.pip([*extra, NUMPY, "-c", str(self.constraints())], "torch")
 
     def constraints(self) -> Path:
         path = self.venv / "bevdepth-npu-constraints.txt"
@@ -399,7 +420,7 @@ def stage_keys(env: Env) -> Dict[str, str]:
     req = (paths.REPO_ROOT / "requirements.txt").read_bytes()
     return {
         "venv": _sha(BUILD_TOOLS),
-        "torch": _sha(TORCH, TORCHVISION, env.device),
+        "torch": torch_stage_key(env),
         "requirements": _sha(req, NO_DEPS),
         "mmcv": mmcv_stage_key(env),
         "mmdet3d": _sha(pins.get("mmdetection3d").commit,
@@ -410,6 +431,13 @@ def stage_keys(env: Env) -> Dict[str, str]:
         "helper": _sha(paths.REPO_ROOT),
         "verify": "always",
     }
+
+
+def torch_stage_key(env: Env) -> str:
+    if env.device != "npu":
+        return _sha(TORCH, TORCHVISION, env.device)
+    # npu: torchvision's own requirements are installed too (requests was missing before)
+    return _sha(TORCH, TORCHVISION, env.device, "torchvision requirements")
 
 
 def mmcv_stage_key(env: Env) -> str:
