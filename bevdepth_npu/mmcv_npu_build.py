@@ -188,7 +188,11 @@ def cached_result(python: str) -> Optional[dict]:
     from bevdepth_npu import envbuild
     key = envbuild.sha(*sorted(inputs(python).items()))
     path = result_dir(key) / RESULT
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    result["log"] = str(result_dir(key) / "build.log")  # wherever this cache is seen from
+    return result
 
 
 # ----------------------------------------------------------------------------- the build
