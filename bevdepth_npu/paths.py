@@ -8,6 +8,8 @@ Layout::
     wheels/                     wheels built from pinned sources, keyed by what went into them
     downloads/                  files fetched from PyPI (the wheels of the wheel pins)
     venvs/<device>-py<X.Y>      environments built by ``bevdepth-npu env``
+    checks/                     answers of checks that ask a package registry, with their date
+    stand-ins/                  the end-to-end test's stand-in Ascend base Python (symbolic links)
 """
 from __future__ import annotations
 
