@@ -38,6 +38,9 @@ COMMANDS = {
               "verify every patch applies to its pin and re-exports byte-identically"),
     "env": ("bevdepth_npu.envbuild", "add_arguments", "run",
             "build or reuse the virtualenv with the patched stack"),
+    "npu-build": ("bevdepth_npu.mmcv_npu_build", "add_arguments", "run",
+                  "build the pinned mmcv with FORCE_NPU=1 over the torch-npu wheel pin, off "
+                  "the hardware"),
     "synth": ("bevdepth_npu.synth", "add_arguments", "run",
               "write a synthetic nuScenes dataset (v1.0-mini layout)"),
     "run": ("bevdepth_npu.run", "add_arguments", "run",
@@ -61,7 +64,13 @@ def pins_markdown() -> str:
     from bevdepth_npu import pins
     rows = ["| name | upstream | pin | patch | applied to |", "|---|---|---|---|---|"]
     for p in pins.PINS:
-        pin = f"`{p.commit}`" if p.kind == "git" else f"`{p.wheel}` (sha256 `{p.wheel_sha256}`)"
+        if p.kind == "git":
+            pin = f"`{p.commit}`"
+        elif p.platform_wheels:
+            shas = ", ".join(f"{machine} `{sha}`" for machine, sha in p.platform_wheels)
+            pin = f"`{p.wheel}` CPython {p.wheel_python} (sha256 {shas})"
+        else:
+            pin = f"`{p.wheel}` (sha256 `{p.wheel_sha256}`)"
         patch = f"`{p.patch}`" if p.patched else "none"
         rows.append(f"| {p.name} | {p.url} | {pin} ({p.ref}) | {patch} | {p.applied_to} |")
     return "\n".join(rows) + "\n"

@@ -12,7 +12,8 @@ mmcv-full from the pin + mmcv.patch (MMCV_WITH_OPS=1, FORCE_NPU=1 on npu); mmdet
 mmdetection3d.patch; lightning.patch into the venv's pytorch_lightning; the patched BEVDepth in
 develop mode (CUDA extensions only where CUDA is present); this helper package. Wheels built from
 pinned sources are cached under ``<cache>/wheels`` keyed by source commit, patch hash, torch,
-Python and device, so a second environment, or a rebuilt one, takes seconds for them.
+Python and device (on npu also the torch_npu they were built against, a stand-in included: see
+``mmcv_npu_build``), so a second environment, or a rebuilt one, takes seconds for them.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ from bevdepth_npu.patchfile import split
 
 TORCH = f"torch=={pins.TORCH_VERSION}"
 TORCHVISION = f"torchvision=={pins.TORCHVISION_VERSION}"
+# requirements.txt's pin, installed with torch so that it is not replaced
+NUMPY = f"numpy=={pins.NUMPY_VERSION}"
 BUILD_TOOLS = ("setuptools==69.5.1", "wheel==0.43.0", "ninja==1.11.1.1")
 # Installed without their own requirements (see requirements.txt for why)
 NO_DEPS = ("lyft_dataset_sdk==0.0.8",)
@@ -62,6 +65,11 @@ def _sha(*parts: object) -> str:
 def _patch_body_hash(pin: pins.Pin) -> str:
     path = paths.patch_file(pin)
     return _sha(split(path.read_bytes())[1]) if path.is_file() else "none"
+
+
+# public names for the other builders of pinned wheels (the mmcv NPU build check)
+sha = _sha
+patch_body_hash = _patch_body_hash
 
 
 class Env:
@@ -139,23 +147,41 @@ class Env:
 
     def stage_torch(self) -> None:
         if self.device == "npu":
-            proc = self.py("import torch, torch_npu; print(torch.__version__, torch_npu.__version__)")
-            if proc.returncode != 0:
-                raise UserError(
-                    "on npu this environment uses the torch and torch_npu of your CANN setup, "
-                    f"and {self.python} cannot import them:\n  "
-                    + proc.stdout.decode().strip().splitlines()[-1]
-                    + "\nInstall CANN (8.0 or newer) and `source set_env.sh`, then install "
-                      f"{TORCH} (the +cpu build from download.pytorch.org) and the torch_npu "
-                      f"{pins.TORCH_VERSION} wheel that matches your CANN into the base Python, "
-                      "and run this "
-                      "again (bevdepth-npu never installs CANN)")
-            if not proc.stdout.decode().startswith(pins.TORCH_VERSION):
-                raise UserError(f"on npu torch {pins.TORCH_VERSION} is required; found "
-                                f"{proc.stdout.decode()}")
-            self.pip([TORCHVISION, "--no-deps"], "torch")
+            self.stage_torch_npu()
             return
-        self.pip([TORCH, TORCHVISION, f"numpy=={pins.NUMPY_VERSION}"], "torch")
+        self.pip([TORCH, TORCHVISION, NUMPY], "torch")
+
+    def stage_torch_npu(self) -> None:
+        """Check the torch and torch_npu of the CANN setup; torchvision without requirements."""
+        # torch and torch_npu may warn on import (on stderr, merged here): read the marked line
+        proc = self.py("import torch, torch_npu\n"
+                       "print('bevdepth-npu-versions', torch.__version__, torch_npu.__version__)")
+        out = proc.stdout.decode(errors="replace").strip().splitlines()
+        if proc.returncode != 0:
+            raise UserError(
+                "on npu this environment uses the torch and torch_npu of your CANN setup, "
+                f"and {self.python} cannot import them:\n  " + (out[-1] if out else "")
+                + "\nInstall CANN (8.0 or newer) and `source set_env.sh`, then install "
+                  f"{TORCH} (the +cpu build from download.pytorch.org) and the torch_npu "
+                  f"{pins.TORCH_VERSION} wheel that matches your CANN into the base Python, "
+                  "and run this again (bevdepth-npu never installs CANN)")
+        versions = [line.split()[1:] for line in out if line.startswith("bevdepth-npu-versions ")]
+        torch_version, npu_version = versions[-1] if versions else ("?", "?")
+        if not torch_version.startswith(pins.TORCH_VERSION):
+            raise UserError(f"on npu torch {pins.TORCH_VERSION} is required; found torch "
+                            f"{torch_version} (torch_npu {npu_version})")
+        log(f"  torch: torch {torch_version}, torch_npu {npu_version} from the base Python")
+        self.pip([TORCHVISION, "--no-deps"], "torch")
+        # torchvision's other requirements (requests, imported by torchvision.datasets, is in
+        # no other requirement of the stack), with torch held at the installed one
+        proc = self.py("import importlib.metadata as m\n"
+                       "print(*[r for r in m.requires('torchvision') or [] "
+                       "if not r.startswith('torch') and 'extra ==' not in r], sep='\\n')")
+        extra = [line.strip() for line in proc.stdout.decode().splitlines() if line.strip()]
+        if proc.returncode != 0:
+            raise UserError(f"reading torchvision's requirements failed: {extra[-1:]}")
+        if extra:
+            self.pip([*extra, NUMPY, "-c", str(self.constraints())], "torch")
 
     def constraints(self) -> Path:
         path = self.venv / "bevdepth-npu-constraints.txt"
@@ -169,12 +195,18 @@ class Env:
         self.pip(["--no-deps", *NO_DEPS], "requirements")
 
     def _wheel(self, pin: pins.Pin, stage: str, build_env: Dict[str, str],
-               expected_objects: int = 0) -> None:
+               expected_objects: int = 0, built_over: str = "") -> None:
+        """Build (or reuse) and install the wheel of ``pin``. ``built_over``: what the build
+        compiles against beyond torch (on npu, ``torch_npu_identity``), in the key and in the
+        wheel's stamp, so that a wheel built over a stand-in is never reused over the real
+        library."""
         tree = sync_tree(pin)
-        key = _sha(pin.commit, _patch_body_hash(pin), self.torch_version(), self.python_tag(),
-                   self.device, sorted(build_env.items()))
+        key = wheel_key(pin, self.torch_version(), self.python_tag(), self.device, build_env,
+                        built_over)
         cache = paths.wheels_dir() / pin.name / key
         wheels = sorted(cache.glob("*.whl")) if cache.is_dir() else []
+        if wheels and built_over:
+            check_built_over(cache, built_over)
         if wheels:
             log(f"  {stage}: reusing cached wheel {wheels[0].name} ({key})")
         else:
@@ -195,6 +227,8 @@ class Env:
                 if len(built) != 1:
                     raise UserError(f"{stage}: expected one wheel in {tmp}, found {built}")
                 cache.parent.mkdir(parents=True, exist_ok=True)
+                if built_over:
+                    write_wheel_stamp(tmp, built_over)
                 if cache.exists():
                     shutil.rmtree(cache)
                 tmp.rename(cache)
@@ -207,10 +241,21 @@ class Env:
     def stage_mmcv(self) -> None:
         env = {"MMCV_WITH_OPS": "1"}
         if self.device == "npu":
-            env["FORCE_NPU"] = "1"
-        elif self.device == "cuda":
+            self.stage_mmcv_npu()
+            return
+        if self.device == "cuda":
             env["FORCE_CUDA"] = "1"
         self._wheel(pins.get("mmcv"), "mmcv", env, expected_objects=73 if self.device == "cpu" else 0)
+
+    def stage_mmcv_npu(self) -> None:
+        """mmcv with FORCE_NPU=1 against the torch_npu this environment sees, keyed by it."""
+        from bevdepth_npu import mmcv_npu_build
+        over = torch_npu_identity(self.python)
+        if "stand-in" in over:
+            log(f"  mmcv: building over {over}: this is not a real Ascend server")
+        self._wheel(pins.get("mmcv"), "mmcv", dict(mmcv_npu_build.BUILD_ENV),
+                    expected_objects=NPU_MMCV_SOURCES, built_over=over)
+        self.stamp["mmcv_built_over"] = over
 
     def stage_mmdet3d(self) -> None:
         self._wheel(pins.get("mmdetection3d"), "mmdet3d", {})
@@ -258,6 +303,68 @@ class Env:
         self.stamp["device"] = self.device
 
 
+# what the pinned mmcv compiles with FORCE_NPU=1 (measured: bevdepth-npu npu-build)
+NPU_MMCV_SOURCES = 101
+WHEEL_STAMP = "bevdepth-npu-build.json"
+# where torch_npu is and what it is, without importing it (the real one needs CANN to import);
+# the mmcv NPU build check's stand-in carries a marker file
+TORCH_NPU_IDENTITY = (
+    "import importlib.util, json, pathlib, re\n"
+    "spec = importlib.util.find_spec('torch_npu')\n"
+    "pkg = pathlib.Path(spec.origin).parent if spec and spec.origin else None\n"
+    "ver = pkg / 'version.py' if pkg else None\n"
+    "m = re.search(r\"__version__ = '([^']+)'\", ver.read_text()) if ver and ver.is_file() "
+    "else None\n"
+    "marker = pkg / 'BEVDEPTH_NPU_STAND_IN' if pkg else None\n"
+    "print(json.dumps({'found': bool(pkg), 'version': m.group(1) if m else '?', "
+    "'stand_in': marker.read_text().strip() if marker and marker.is_file() else ''}))\n")
+
+
+def wheel_key(pin: pins.Pin, torch_version: str, python_tag: str, device: str,
+              build_env: Dict[str, str], built_over: str = "") -> str:
+    """The cache key of a wheel built from a pinned source (``<cache>/wheels/<name>/<key>``)."""
+    parts = [pin.commit, _patch_body_hash(pin), torch_version, python_tag, device,
+             sorted(build_env.items())]
+    return _sha(*parts, built_over) if built_over else _sha(*parts)
+
+
+def torch_npu_label(version: str, stand_in: str = "") -> str:
+    """How a torch_npu is named in keys and stamps; ``stand_in``: the stand-in's marker text."""
+    label = f"torch_npu {version}"
+    return f"{label} stand-in ({stand_in.strip()})" if stand_in.strip() else label
+
+
+def torch_npu_identity(python: str) -> str:
+    """``torch_npu 2.1.0.postN`` as ``python`` would import it; with the stand-in's marker text
+    where it is the mmcv NPU build check's stand-in; ``torch_npu none`` where there is none."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # as the stages run the environment's Python
+    proc = subprocess.run([python, "-c", TORCH_NPU_IDENTITY], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        return "torch_npu none"
+    facts = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    if not facts["found"]:
+        return "torch_npu none"
+    return torch_npu_label(facts["version"], facts["stand_in"])
+
+
+def write_wheel_stamp(wheel_dir: Path, built_over: str) -> None:
+    atomic_write(wheel_dir / WHEEL_STAMP, (json.dumps({"built_over": built_over}, indent=1)
+                                           + "\n").encode())
+
+
+def check_built_over(wheel_dir: Path, built_over: str) -> None:
+    """A cached wheel is reused only over what it was built over (the key says so too; this
+    catches a cache entry written by hand or by an older builder)."""
+    stamp = wheel_dir / WHEEL_STAMP
+    recorded = json.loads(stamp.read_text()).get("built_over") if stamp.is_file() else None
+    if recorded != built_over:
+        recorded = recorded or "an unrecorded torch_npu"
+        raise UserError(f"the cached wheel in {wheel_dir} was built over {recorded}, not over "
+                        f"{built_over}; move that directory away and run again")
+
+
 def sync_tree(pin: pins.Pin) -> Path:
     """The working tree trees/NAME holding exactly the repository's patch (if there is one)."""
     from bevdepth_npu import patches
@@ -277,9 +384,9 @@ def stage_keys(env: Env) -> Dict[str, str]:
     req = (paths.REPO_ROOT / "requirements.txt").read_bytes()
     return {
         "venv": _sha(BUILD_TOOLS),
-        "torch": _sha(TORCH, TORCHVISION, env.device),
+        "torch": torch_stage_key(env),
         "requirements": _sha(req, NO_DEPS),
-        "mmcv": _sha(pins.get("mmcv").commit, _patch_body_hash(pins.get("mmcv")), env.device),
+        "mmcv": mmcv_stage_key(env),
         "mmdet3d": _sha(pins.get("mmdetection3d").commit,
                         _patch_body_hash(pins.get("mmdetection3d"))),
         "lightning": _sha(_patch_body_hash(pins.get("lightning"))),
@@ -288,6 +395,21 @@ def stage_keys(env: Env) -> Dict[str, str]:
         "helper": _sha(paths.REPO_ROOT),
         "verify": "always",
     }
+
+
+def torch_stage_key(env: Env) -> str:
+    if env.device != "npu":
+        return _sha(TORCH, TORCHVISION, env.device)
+    # npu: torchvision's own requirements are installed too (requests was missing before)
+    return _sha(TORCH, TORCHVISION, env.device, "torchvision requirements")
+
+
+def mmcv_stage_key(env: Env) -> str:
+    parts = (pins.get("mmcv").commit, _patch_body_hash(pins.get("mmcv")), env.device)
+    if env.device != "npu":
+        return _sha(*parts)
+    # over another torch_npu (a stand-in replaced by the real one, a new release) mmcv is rebuilt
+    return _sha(*parts, torch_npu_identity(env.base_python))
 
 
 def fetch_missing(mirror_entries: Optional[List[str]] = None) -> None:

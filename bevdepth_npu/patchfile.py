@@ -27,7 +27,7 @@ def split(data: bytes) -> Tuple[bytes, bytes]:
 
 
 def auto_header(pin: Pin, empty: bool = False) -> str:
-    label = pin.commit if pin.kind == "git" else f"{pin.wheel} (sha256 {pin.wheel_sha256})"
+    label = pin.commit if pin.kind == "git" else pin.wheel_label
     how = "nothing to apply (header only: the pin is used as it is)" if empty else pin.how
     return "\n".join([
         f"{pin.patch}: bevdepth-npu changes to {pin.name}",

@@ -6,8 +6,10 @@ Layout::
     src/<name>                  pristine clone of the upstream, HEAD detached at the pin
     trees/<name>                patched working tree (what the environment installs)
     wheels/                     wheels built from pinned sources, keyed by what went into them
-    downloads/                  files fetched from PyPI (the Lightning wheel)
+    downloads/                  files fetched from PyPI (the wheels of the wheel pins)
     venvs/<device>-py<X.Y>      environments built by ``bevdepth-npu env``
+    checks/                     answers of checks that ask a package registry, with their date
+    stand-ins/                  the end-to-end test's stand-in Ascend base Python (symbolic links)
 """
 from __future__ import annotations
 

@@ -6,7 +6,13 @@ the tests) reads this table; nobody repeats a pin by hand.
 Two kinds of pins: the patched upstreams that make up the environment (``patched_pins()``), and
 reference upstreams that are fetched and mirrored the same way but never patched or installed
 (``reference_pins()``): DrivingSDK, whose own Python wrapper of the NPU voxel-pooling op the NPU
-contract tests run over a CPU double of its compiled part.
+contract tests run over a CPU double of its compiled part, and the torch_npu wheel of the release
+the Ascend stack pairs with, whose headers, ``NpuExtension``, op tables and Python sources are read
+off the hardware (it needs CANN to import, but a wheel is a zip).
+
+A "wheel" pin is either one pure-Python wheel (``wheel_sha256``) or one CPython wheel per machine
+architecture (``platform_wheels``: ``platform.machine()`` to sha256, for ``wheel_python``); the cache
+holds the one of the machine it runs on.
 """
 from __future__ import annotations
 
@@ -37,6 +43,9 @@ class Pin:
     wheel: Optional[str] = None       # PyPI requirement of the wheel ("wheel" kind)
     wheel_sha256: Optional[str] = None
     package_dir: Optional[str] = None  # directory inside the wheel / site-packages
+    # binary wheels: (platform.machine(), sha256) of the manylinux wheel for ``wheel_python``
+    platform_wheels: Tuple[Tuple[str, str], ...] = ()
+    wheel_python: Optional[str] = None  # "3.11": the CPython of the pinned binary wheels
 
     @property
     def patched(self) -> bool:
@@ -45,6 +54,21 @@ class Pin:
     @property
     def short(self) -> str:
         return self.commit[:8] if self.kind == "git" else self.commit
+
+    def wheel_sha256_for(self, machine: str) -> Optional[str]:
+        """The sha256 of the pinned wheel for a machine architecture (``platform.machine()``);
+        None where the pin has no wheel for it."""
+        if not self.platform_wheels:
+            return self.wheel_sha256
+        return dict(self.platform_wheels).get(machine)
+
+    @property
+    def wheel_label(self) -> str:
+        """The wheel requirement with every pinned sha256, for tables and patch headers."""
+        if not self.platform_wheels:
+            return f"{self.wheel} (sha256 {self.wheel_sha256})"
+        shas = ", ".join(f"{m} {sha}" for m, sha in self.platform_wheels)
+        return f"{self.wheel}, CPython {self.wheel_python} (sha256 {shas})"
 
 
 PINS: Tuple[Pin, ...] = (
@@ -107,6 +131,28 @@ PINS: Tuple[Pin, ...] = (
         applied_to="not patched or installed; the NPU contract tests run its Python wrapper "
                    "mx_driving/ops/voxel_pooling_train.py",
         how="nothing to apply",
+    ),
+    Pin(
+        name="torch-npu",
+        aliases=("torch_npu",),
+        url="https://pypi.org/project/torch-npu/2.1.0.post12/",
+        kind="wheel",
+        commit="2.1.0.post12",
+        # the release the README's Ascend stack pairs with (git tag v7.0.0-pytorch2.1.0 of
+        # Ascend/pytorch, commit 881a2763, the wheel's torch_npu/version.py git_version)
+        ref="torch-npu 2.1.0.post12 (FrameworkPTAdapter 7.0.0, CANN 8.1.RC1)",
+        patch=None,
+        applied_to="not patched or installed; its headers, lib/, utils/cpp_extension.py "
+                   "(NpuExtension) and op tables serve the mmcv NPU build check and the op "
+                   "inventory",
+        how="nothing to apply",
+        wheel="torch-npu==2.1.0.post12",
+        package_dir="torch_npu",
+        platform_wheels=(
+            ("x86_64", "7fee5c7d24b2990ee694367666a24683c3c1b6f80bc55109eb19e0c1b6e01ac3"),
+            ("aarch64", "d37f105bb9b37ad4042dffbb2e3c304de50722f7e8961d78b6a09e3e2fa14958"),
+        ),
+        wheel_python="3.11",
     ),
 )
 

@@ -3,18 +3,22 @@
 ``bevdepth-npu fetch [NAME...]`` clones each git upstream into ``<cache>/src/<name>`` at its pin
 and verifies the commit. GitHub is unreachable from many Ascend clusters, so every upstream can
 come from a local mirror, a bare repository or an earlier clone (``--mirror NAME=PATH_OR_URL`` or
-``BEVDEPTH_NPU_MIRRORS``). Lightning is not a git upstream: its pinned PyPI wheel is downloaded,
-checked against its sha256 and unpacked into a one-commit repository, so that every upstream can
-be diffed, patched and reverted the same way.
+``BEVDEPTH_NPU_MIRRORS``). Lightning and torch_npu are not git upstreams: the pinned PyPI wheel
+is downloaded (torch_npu's for this machine's architecture and the pinned CPython), checked
+against its sha256 and unpacked into a one-commit repository, so that every upstream can be
+diffed, patched and reverted the same way. Offline, the mirror of a wheel pin is the wheel file,
+a directory holding it, or a package index URL.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -22,6 +26,7 @@ from typing import Dict, Iterable, List, Optional
 
 from bevdepth_npu import gitutil, paths, pins
 from bevdepth_npu.errors import UserError
+from bevdepth_npu.fsutil import atomic_write
 from bevdepth_npu.pins import Pin
 
 MIRRORS_ENV = "BEVDEPTH_NPU_MIRRORS"
@@ -88,7 +93,26 @@ def source_ready(pin: Pin) -> bool:
         return False
     if pin.kind == "git":
         return gitutil.has_commit(src, pin.commit)
-    return gitutil.run(["rev-parse", "--verify", "-q", PIN_REF], cwd=src, check=False).returncode == 0
+    # the unpacked wheel's commit names the wheel's sha256: a cache copied from another
+    # architecture, or unpacked before the pin moved, is not this pin
+    proc = gitutil.run(["log", "-1", "--format=%s", PIN_REF], cwd=src, check=False)
+    sha = expected_wheel_sha256(pin)
+    return proc.returncode == 0 and sha is not None and sha in proc.stdout.decode()
+
+
+def machine() -> str:
+    """This machine's architecture as wheel pins name it (``platform.machine()``)."""
+    return platform.machine()
+
+
+def expected_wheel_sha256(pin: Pin, arch: Optional[str] = None) -> Optional[str]:
+    return pin.wheel_sha256_for(arch or machine())
+
+
+def wheel_filename_prefix(pin: Pin) -> str:
+    """``name-version`` as wheel files of the pin begin (PEP 427 escapes ``-`` to ``_``)."""
+    name, version = pin.wheel.split("==")
+    return name.replace("-", "_") + "-" + version
 
 
 def fetch(pin: Pin, mirror: Optional[str] = None) -> Path:
@@ -158,11 +182,8 @@ def _fetch_wheel(pin: Pin, mirror: Optional[str]) -> Path:
     if source_ready(pin):
         log(f"{pin.name}: cached ({dest})")
         return dest
-    wheel = _download_wheel(pin, mirror)
-    digest = sha256_file(wheel)
-    if digest != pin.wheel_sha256:
-        raise UserError(f"{wheel} has sha256 {digest}, expected {pin.wheel_sha256} "
-                        f"({pin.wheel}); remove it and fetch again")
+    wheel = download_wheel(pin, mirror)
+    expected = expected_wheel_sha256(pin)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.parent / f".{pin.name}.part"
     shutil.rmtree(part, ignore_errors=True)
@@ -176,42 +197,87 @@ def _fetch_wheel(pin: Pin, mirror: Optional[str]) -> Path:
                 target.write_bytes(zf.read(info))
     gitutil.run(["init", "--quiet"], cwd=part)
     gitutil.run(["add", "-A"], cwd=part)
-    gitutil.run(["commit", "--quiet", "--no-gpg-sign", "-m", f"{pin.wheel} ({pin.wheel_sha256})"],
+    gitutil.run(["commit", "--quiet", "--no-gpg-sign", "-m", f"{pin.wheel} ({expected})"],
                 cwd=part, env=_FIXED_COMMIT_ENV)
     gitutil.run(["update-ref", PIN_REF, "HEAD"], cwd=part)
     gitutil.run(["checkout", "--quiet", "--detach", "HEAD"], cwd=part)
     if dest.exists():
         aside = dest.parent / f"{pin.name}.old-{int(time.time())}"
         dest.rename(aside)
+        log(f"{pin.name}: kept the earlier directory, not this pin, as {aside}")
     part.rename(dest)
     log(f"{pin.name}: unpacked {wheel.name} into {dest}")
     return dest
 
 
-def _download_wheel(pin: Pin, mirror: Optional[str]) -> Path:
-    filename_prefix = pin.wheel.split("==")[0].replace("-", "_") + "-" + pin.wheel.split("==")[1]
+def _keep_in_downloads(wheel: Path) -> Path:
+    """A verified wheel from a mirror, copied into ``downloads/`` so that the cache holds every
+    pinned file (the tests that compare wheels read them there)."""
+    dl = paths.downloads_dir()
+    final = dl / wheel.name
+    if wheel.resolve().parent == dl.resolve() or (final.exists() and
+                                                   sha256_file(final) == sha256_file(wheel)):
+        return final
+    dl.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        final.rename(dl / f"{final.name}.old-{int(time.time())}")
+    atomic_write(final, wheel.read_bytes())
+    return final
+
+
+def download_wheel(pin: Pin, mirror: Optional[str] = None, arch: Optional[str] = None) -> Path:
+    """The pinned wheel (for ``arch``, default this machine) in ``downloads/``, from the mirror
+    (a wheel file, a directory holding it, or a package index URL) or PyPI; sha256 checked."""
+    arch = arch or machine()
+    expected = expected_wheel_sha256(pin, arch)
+    if expected is None:
+        raise UserError(f"{pin.name}: the pin has no wheel for {arch} (pinned: "
+                        f"{', '.join(m for m, _ in pin.platform_wheels)})")
     if mirror and Path(mirror).is_file():
-        return Path(mirror)
+        digest = sha256_file(Path(mirror))
+        if digest != expected:
+            raise UserError(f"{mirror} has sha256 {digest}, expected {expected} ({pin.wheel} "
+                            f"for {arch}); pass the pinned wheel")
+        return _keep_in_downloads(Path(mirror))
+    pattern = f"{wheel_filename_prefix(pin)}-*.whl"
     dl = paths.downloads_dir()
     dl.mkdir(parents=True, exist_ok=True)
     search_dirs = [dl] + ([Path(mirror)] if mirror and Path(mirror).is_dir() else [])
     for d in search_dirs:
-        for cand in sorted(d.glob(f"{filename_prefix}-*.whl")):
-            if sha256_file(cand) == pin.wheel_sha256:
-                return cand
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--disable-pip-version-check", "-d", str(dl), pin.wheel]
-    if mirror and "://" in mirror:
-        cmd[5:5] = ["--index-url", mirror]
-    log(f"{pin.name}: downloading {pin.wheel} with pip ...")
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    cands = sorted(dl.glob(f"{filename_prefix}-*.whl"))
-    if proc.returncode != 0 or not cands:
-        tail = proc.stdout.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
-        raise UserError(f"cannot fetch {pin.name}: `pip download {pin.wheel}` failed ({tail[0]}). "
-                        f"Offline, pass the wheel file or a directory holding it: "
-                        f"--mirror {pin.name}=PATH")
-    return cands[0]
+        for cand in sorted(d.glob(pattern)):
+            if sha256_file(cand) == expected:
+                return _keep_in_downloads(cand)
+    if mirror and "://" not in mirror:
+        raise UserError(f"cannot fetch {pin.name}: {mirror} holds no {pattern} with sha256 "
+                        f"{expected} ({pin.wheel} for {arch})")
+    with tempfile.TemporaryDirectory(prefix=f".{pin.name}-", dir=str(dl)) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "--disable-pip-version-check", "-d", tmp, pin.wheel]
+        if pin.platform_wheels:
+            # the pinned CPython's manylinux wheel, whatever Python runs this
+            cmd[-1:-1] = ["--platform", f"manylinux2014_{arch}", "--python-version",
+                          pin.wheel_python, "--implementation", "cp"]
+        if mirror and "://" in mirror:
+            cmd[-1:-1] = ["--index-url", mirror]
+        log(f"{pin.name}: downloading {pin.wheel} ({arch}) with pip ...")
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        got = sorted(Path(tmp).glob(pattern))
+        if proc.returncode != 0 or not got:
+            tail = proc.stdout.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+            raise UserError(f"cannot fetch {pin.name}: `pip download {pin.wheel}` failed "
+                            f"({tail[0]}). Offline, pass the wheel file or a directory holding "
+                            f"it: --mirror {pin.name}=PATH")
+        digest = sha256_file(got[0])
+        if digest != expected:
+            raise UserError(f"{got[0].name} from the package index has sha256 {digest}, "
+                            f"expected {expected} ({pin.wheel} for {arch}); the index serves "
+                            f"another file than the pinned one")
+        final = dl / got[0].name
+        if final.exists():
+            # an earlier file of that name with other bytes: keep it aside, never delete
+            final.rename(dl / f"{final.name}.old-{int(time.time())}")
+        os.replace(got[0], final)
+    return final
 
 
 # ----------------------------------------------------------------------------- command line
@@ -223,8 +289,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         + ", ".join(pin.name for pin in pins.PINS))
     p.add_argument("--mirror", action="append", metavar="NAME=PATH_OR_URL",
                    help="where to clone NAME from instead of its official URL: a local mirror, "
-                        "bare repository, earlier clone or URL; for lightning a wheel file, a "
-                        f"directory holding it or a package index URL (repeatable; also "
+                        "bare repository, earlier clone or URL; for a wheel pin (lightning, "
+                        "torch-npu) a wheel file, a directory holding it or a package index URL "
+                        f"(repeatable; also "
                         f"{MIRRORS_ENV}, comma separated)")
 
 

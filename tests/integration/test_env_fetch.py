@@ -3,7 +3,7 @@ of BEVDEPTH_NPU_MIRRORS or --mirror, so that the quick start's first command wor
 an unusable mirror it stops before building anything, with fetch's error.
 
 The mirrors are $BEVDEPTH_NPU_MIRRORS where set, else the pristine checkouts of the current
-cache (an earlier clone is a mirror like any other) and the cached Lightning wheel; the empty
+cache (an earlier clone is a mirror like any other) and the cached wheels of the wheel pins; the empty
 cache is a temporary directory. Seconds: local clones.
 
 Run: python -m pytest tests/integration/test_env_fetch.py -q
@@ -30,10 +30,11 @@ def _mirrors() -> str:
         if pin.kind == "git":
             entries[pin.name] = str(require_source(pin.name))
         else:
-            wheels = sorted(paths.downloads_dir().glob("pytorch_lightning-*.whl"))
+            wheels = sorted(paths.downloads_dir().glob(
+                f"{upstream.wheel_filename_prefix(pin)}-*.whl"))
             if not wheels:
                 pytest.skip(f"no {pin.wheel} wheel in {paths.downloads_dir()} to use as a "
-                            f"mirror; run `bevdepth-npu fetch lightning`")
+                            f"mirror; run `bevdepth-npu fetch {pin.name}`")
             entries[pin.name] = str(paths.downloads_dir())
     return ",".join(f"{name}={where}" for name, where in entries.items())
 
