@@ -47,6 +47,8 @@ ALLOWED_CORES = "BEVDEPTH_NPU_ALLOWED_CORES"
 CACHE = "BEVDEPTH_NPU_CACHE"
 MIRRORS = "BEVDEPTH_NPU_MIRRORS"
 RUN_START = "BEVDEPTH_NPU_RUN_START_S"
+NINJA_ONLY = "BEVDEPTH_NPU_NINJA_ONLY"
+NINJA_STATUS = "BEVDEPTH_NPU_NINJA_STATUS"
 
 VARIABLES: Tuple[Variable, ...] = (
     Variable(CACHE, "the cache of pins, wheels, environments and the smoke dataset "
@@ -64,6 +66,10 @@ VARIABLES: Tuple[Variable, ...] = (
              "the patched BEVDepth", old_name="BEVDEPTH_ALLOWED_CORES"),
     Variable(RUN_START, "start time of a run that restarted itself under the stack's "
              "interpreter (set by `bevdepth-npu run`; not a setting)", "bevdepth-npu"),
+    Variable(NINJA_ONLY, "the sources the mmcv NPU build check's ninja shim builds (set by "
+             "`bevdepth-npu npu-build --only`; not a setting)", "bevdepth-npu"),
+    Variable(NINJA_STATUS, "where that shim records ninja's exit status (set by "
+             "`bevdepth-npu npu-build`; not a setting)", "bevdepth-npu"),
 )
 
 

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from bevdepth_npu import paths, pins, upstream
+from bevdepth_npu import envvars, paths, pins, upstream
 from bevdepth_npu.errors import UserError
 from bevdepth_npu.fsutil import atomic_write_text
 
@@ -55,8 +55,8 @@ from bevdepth_npu.fsutil import atomic_write_text
 STAND_IN_VERSION = "1"
 STAND_IN_MARKER = "BEVDEPTH_NPU_STAND_IN"
 RESULT = "result.json"
-ONLY_ENV = "BEVDEPTH_NPU_NINJA_ONLY"
-STATUS_FILE_ENV = "BEVDEPTH_NPU_NINJA_STATUS"
+ONLY_ENV = envvars.NINJA_ONLY
+STATUS_FILE_ENV = envvars.NINJA_STATUS
 BUILD_ENV = {"FORCE_NPU": "1", "MMCV_WITH_OPS": "1"}
 log = upstream.log
 
