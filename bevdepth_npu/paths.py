@@ -50,5 +50,11 @@ def venv_dir(device: str, python_version: str = "") -> Path:
     return cache_dir() / "venvs" / f"{device}-py{ver}"
 
 
+def environment_python(device: str) -> Path:
+    """The interpreter of the environment ``bevdepth-npu env --device DEVICE`` builds (it may
+    not exist yet): where the run layer and the self-test look for the stack."""
+    return venv_dir(device) / "bin" / "python"
+
+
 def patch_file(pin) -> Path:
     return REPO_ROOT / pin.patch

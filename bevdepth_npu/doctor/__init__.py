@@ -32,7 +32,7 @@ import os
 import sys
 from pathlib import Path
 
-from bevdepth_npu import devices
+from bevdepth_npu import devices, paths
 from bevdepth_npu.doctor.report import Report, Skip
 
 
@@ -56,17 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
 
 
-def _environment_python(device: str) -> Path:
-    from bevdepth_npu import paths
-    return paths.venv_dir(devices.choose(device)) / "bin" / "python"
-
-
 def run(args: argparse.Namespace) -> int:
     if args.full and not args.data_root:
         print("bevdepth-npu doctor: error: --full needs --data-root DIR", file=sys.stderr)
         return 2
     if importlib.util.find_spec("torch") is None:
-        python = _environment_python(args.device)
+        python = paths.environment_python(devices.choose(args.device))
         if python.exists() and Path(sys.executable).resolve() != python.resolve():
             print(f"doctor: no torch in {sys.executable}; running in the environment {python}",
                   flush=True)

@@ -46,7 +46,7 @@ def stack_python(settings: Settings, note) -> Optional[str]:
     device = devices.choose(settings.device)
     if settings.mode == "smoke":
         return smoke.prepare_environment(device, note)
-    built = paths.venv_dir(device) / "bin" / "python"
+    built = paths.environment_python(device)
     return str(built) if built.is_file() else None
 
 
