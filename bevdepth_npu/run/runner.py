@@ -32,13 +32,13 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from bevdepth_npu import paths
+from bevdepth_npu import checkpoints, paths
 from bevdepth_npu.run import settings as settings_module
 from bevdepth_npu.run import smoke
 from bevdepth_npu.run.console import Console, Heartbeat, TrainProgress, duration
 from bevdepth_npu.run.report import metrics_table, summary_lines
 from bevdepth_npu.run.settings import Settings, SettingsError
-from bevdepth_npu.run.stages import install_signal_handlers, run_stage
+from bevdepth_npu.run.stages import install_signal_handlers, run_stage, stage_error
 from bevdepth_npu.runrecord import (CHECKPOINTS, LAST_CKPT, RUN_JSON, STEPS_JSONL, RunRecord,
                                     describe_settings, find_resumable_run, last_checkpoint,
                                     link_latest, new_run_dir, newest_checkpoint, now_s)
@@ -122,7 +122,7 @@ class Run:
             return 0
         except Stop as stop:
             if stop.record and self.run_dir is not None:
-                self.mark(stop.record)
+                self.mark(stop.record, error=" ".join(str(stop).split()))
             self.console.error(str(stop))
             return stop.status
         finally:
@@ -354,9 +354,9 @@ class Run:
         self.record.update(**fields)
         self.record.save(self.run_dir)
 
-    def mark(self, status: str) -> None:
+    def mark(self, status: str, error: Optional[str] = None) -> None:
         self.record.attempt(end_time_s=now_s())
-        self.save(status=status)
+        self.save(status=status, error=error or None)
 
     # ------------------------------------------------------------------ stages
     def stage_env(self, bind_cores: str = "0") -> Dict[str, str]:
@@ -433,11 +433,8 @@ class Run:
 
     def train(self) -> None:
         assert self.run_dir is not None
-        last = self.run_dir / CHECKPOINTS / LAST_CKPT
-        resume = "none"
-        if last.is_file():
-            resume = str(last)
-        elif self.s.resume not in ("auto", "none"):
+        resume = self.rerun_checkpoint()
+        if resume == "none" and self.s.resume not in ("auto", "none"):
             resume = str(Path(self.s.resume).absolute())
         bind = self.bind_cores()
         log = self.run_dir / f"train_{self.log_id}.log"
@@ -455,8 +452,25 @@ class Run:
         if status != 0:
             hint = "" if self.s.mode == "smoke" else (
                 " The same command continues from the last checkpoint, if one was written.")
-            raise Stop(f"training failed (exit {status}); evaluation skipped. Log: {log}.{hint}",
-                       status)
+            raise Stop(failure_line(log, f"training failed (exit {status}); evaluation skipped. "
+                                    f"Log: {log}.{hint}"), status)
+
+    def rerun_checkpoint(self) -> str:
+        """The checkpoint this run continues from ("none": it has none), checked first: a
+        rerun passes over an unreadable last.ckpt to the newest readable checkpoint
+        (bevdepth_npu/checkpoints.py). Without the check here the training's own speaks."""
+        assert self.run_dir is not None
+        if not checkpoints.has_checkpoint(self.run_dir):
+            return "none"
+        directory = self.run_dir / CHECKPOINTS
+        check = checkpoints.load_check()
+        if check is None:
+            last = directory / LAST_CKPT
+            return str(last) if last.is_file() else "none"
+        try:
+            return str(checkpoints.resume_point(directory, check, self.console.note))
+        except checkpoints.NoReadableCheckpoint as err:
+            raise Stop(str(err)) from None
 
     def evaluate_training(self) -> None:
         """full (node 0) and smoke: evaluate the checkpoint the training wrote."""
@@ -491,7 +505,8 @@ class Run:
         self.record.attempt(eval_exit_code=status)
         self.save()
         if status != 0:
-            raise Stop(f"evaluation failed (exit {status}). Log: {log}.{hint}", status)
+            raise Stop(failure_line(log, f"evaluation failed (exit {status}). Log: {log}.{hint}"),
+                       status)
         if self.s.mode == "smoke" and not (self.run_dir / "eval" / "metrics_summary.json"
                                            ).is_file():
             raise Stop(f"evaluation wrote no {self.run_dir / 'eval' / 'metrics_summary.json'} "
@@ -566,6 +581,12 @@ def experiment_pooling(args: Sequence[str]) -> str:
         elif arg.startswith("--pooling="):
             pooling = arg.split("=", 1)[1]
     return pooling
+
+
+def failure_line(log: Path, message: str) -> str:
+    """``message`` for a failed stage, or the one line a bad checkpoint stopped it with."""
+    line = stage_error(log)
+    return f"{line} (log: {log})" if line else message
 
 
 def summarize_metrics_path(summary: Dict, run_dir: Path) -> Optional[Path]:
