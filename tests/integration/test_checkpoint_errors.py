@@ -136,7 +136,7 @@ def test_mismatched_weights_are_named_with_their_shapes():
         checkpoint_io.check_model_weights(model, theirs, "x.ckpt", "mine", "theirs", "fix it")
     line = str(error.value)
     assert line.startswith("x.ckpt: not a checkpoint of mine: 2 of another shape, 2 missing, "
-                           "1 unknown to this model of 4 weights")
+                           "1 extra (the model has 4 weights): ")
     assert "0.weight (5, 4) in the file, (3, 4) here" in line and "it comes from theirs" in line
     checkpoint_io.check_model_weights(model, model.state_dict(), "x.ckpt", "mine", None, "")
 
