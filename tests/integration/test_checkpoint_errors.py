@@ -146,6 +146,13 @@ def test_the_run_layer_and_the_tree_agree_on_the_error_line():
     from bevdepth_npu import checkpoints
     assert checkpoints.ERROR_PREFIX == checkpoint_file.ERROR_PREFIX == PREFIX
     assert checkpoints.load_check() is checkpoint_file.run_checkpoint_problem
+    # The run layer checks a rerun's checkpoint without torch in its own process.
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; from bevdepth_npu import checkpoints; "
+         "from bevdepth_npu.run import runner; checkpoints.load_check(); "
+         "print('torch' in sys.modules)"],
+        cwd=str(helpers.REPO_ROOT), stdout=subprocess.PIPE, universal_newlines=True, check=True)
+    assert probe.stdout.strip() == "False"
 
 
 # ---------------------------------------------------------------------- the experiments
