@@ -110,6 +110,26 @@ def test_every_kind_of_bad_file_is_one_line_naming_it(tmp_path):
         ["model.w"]
 
 
+def test_lightnings_resume_reads_through_the_same_reader(tmp_path):
+    checkpoint_file, checkpoint_io = _reader()
+    good = _lightning_like(tmp_path / "last.ckpt")
+    seen = []
+    io = checkpoint_io.AtomicCheckpointIO("mine", lambda ckpt, path: seen.append(path))
+    assert io.load_checkpoint(good)["global_step"] == 2 and seen == [str(good)]
+    cut = _cut(good, tmp_path / "cut.ckpt", good.stat().st_size // 2)
+    weights_only = tmp_path / "0.pth"
+    torch.save({"epoch": 0, "global_step": 2, "state_dict": {}}, weights_only)
+    for path, words in ((cut, "cut short"), (weights_only, "holds weights only")):
+        with pytest.raises(checkpoint_file.CheckpointError) as error:
+            io.load_checkpoint(path)
+        assert words in str(error.value) and str(error.value).endswith("(--resume none)")
+        with pytest.raises(checkpoint_file.CheckpointError, match=words):
+            checkpoint_io.check_resume_file(path)
+    # What it writes records the experiment, and reads back.
+    io.save_checkpoint(torch.load(good), tmp_path / "again.ckpt")
+    assert checkpoint_file.inspect(tmp_path / "again.ckpt").experiment == "mine"
+
+
 class _Planted:
     """An object whose unpickling would run a command."""
 
