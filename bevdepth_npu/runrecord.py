@@ -15,6 +15,7 @@ records) and unknown fields are kept as they are:
     status        running | completed | failed | interrupted
     network, case_name, device_type, device, settings, bevdepth_root, python, checkpoint,
     data_root     single-line text
+    error         the line the command stopped with (a failed run), single-line text
     rank_size, batch_size_per_device, steps      integers >= 1
     attempts      one object per process run of the command (a resumed run adds one):
                   start_time_s, end_time_s, train_start_s, train_end_s (Unix seconds),
@@ -54,7 +55,7 @@ RECORD_FIELDS: Dict[str, str] = {
     "mode": "mode", "status": "status",
     "network": "text", "case_name": "text", "device_type": "text", "device": "text",
     "settings": "any_text", "bevdepth_root": "text", "python": "text", "checkpoint": "text",
-    "data_root": "text",
+    "data_root": "text", "error": "text",
     "rank_size": "count", "batch_size_per_device": "count", "steps": "count",
     **{name: "seconds" for name in TIMES},
 }
@@ -223,7 +224,8 @@ def find_resumable_run(device_dir: Path, prefix: str, settings: str) -> Optional
 
     Walking back from the newest run: one with other settings (or an unreadable record) is
     passed over, a completed one ends the search (a new run starts), one that did not complete
-    and has checkpoints/last.ckpt is the answer.
+    and has a checkpoint in checkpoints/ is the answer (last.ckpt, or the others where a rerun
+    set an unreadable last.ckpt aside: bevdepth_npu/checkpoints.py).
     """
     for run_dir in reversed(run_dirs(device_dir, prefix)):
         try:
@@ -234,7 +236,7 @@ def find_resumable_run(device_dir: Path, prefix: str, settings: str) -> Optional
             continue
         if record.get("status") == "completed":
             return None
-        if (run_dir / CHECKPOINTS / LAST_CKPT).is_file():
+        if any(path.is_file() for path in (run_dir / CHECKPOINTS).glob("*.ckpt")):
             return run_dir
     return None
 

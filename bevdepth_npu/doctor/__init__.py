@@ -4,7 +4,8 @@ Run it on the machine you will train on, in the environment ``bevdepth-npu env``
 re-runs itself there when the current Python has no torch):
 
     bevdepth-npu doctor [--device auto|npu|cuda|cpu] [--quick] [--pooling product|fused]
-                        [--data-root DIR [--full]] [--json FILE] [--verbose]
+                        [--data-root DIR [--full]] [--checkpoint PATH] [--json FILE]
+                        [--verbose]
 
 One line per check (PASS, FAIL or SKIP, the cause, and on a FAIL what to do):
   stack      Python, torch, torchvision, numpy, mmcv (and whether its compiled ops load),
@@ -21,6 +22,9 @@ One line per check (PASS, FAIL or SKIP, the cause, and on a FAIL what to do):
   dist       an all_reduce across two processes over the device's DDP backend (not --quick)
   data       with --data-root: info files, one sample, depth_gt coverage; --full: every file
              the info files name exists and decodes (bad ones listed)
+  checkpoint with --checkpoint: a checkpoint file, or each *.ckpt of a run directory and the
+             one a rerun resumes from: missing, empty, cut short, damaged, not a torch file,
+             not a checkpoint, or what it holds (no model is built, nothing goes to a device)
 Exit status 0 when nothing failed, 1 otherwise, 2 for bad arguments. Nothing is left behind but
 the --json file.
 """
@@ -51,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also check the dataset under DIR (info files, one sample, depth_gt)")
     p.add_argument("--full", action="store_true",
                    help="with --data-root: read every file the info files name, in parallel")
+    p.add_argument("--checkpoint", type=Path, metavar="PATH",
+                   help="also check a checkpoint file, or the checkpoints of a run directory "
+                        "and the one a rerun of its training resumes from")
     p.add_argument("--json", type=Path, metavar="FILE",
                    help="also write the results as JSON to FILE (atomically)")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
@@ -110,6 +117,10 @@ def checks(report: Report, args: argparse.Namespace) -> str:
     from bevdepth_npu.doctor import patch_state
     for pin in pins.patched_pins():
         report.run(f"patch.{pin.name}", lambda n=pin.name: patch_state.check(n))
+
+    if args.checkpoint:
+        from bevdepth_npu.doctor import checkpoint
+        checkpoint.run_checks(report, args.checkpoint.expanduser().absolute())
 
     kind = _start(report, requested)
     if kind is None:

@@ -28,7 +28,7 @@ from bevdepth_npu.errors import UserError
 from bevdepth_npu.run.console import Console, Heartbeat, TrainProgress, duration
 from bevdepth_npu.run.report import metrics_table, summary_lines
 from bevdepth_npu.run.settings import Settings
-from bevdepth_npu.run.stages import run_stage
+from bevdepth_npu.run.stages import run_stage, stage_error
 from bevdepth_npu.runrecord import (CHECKPOINTS, LAST_CKPT, RUN_JSON, STEPS_JSONL, RunRecord,
                                     link_latest, new_run_dir, now_s)
 
@@ -95,7 +95,7 @@ class Run:
             return 0
         except Stop as stop:
             if stop.record and self.run_dir is not None:
-                self.mark(stop.record)
+                self.mark(stop.record, error=" ".join(str(stop).split()))
             self.console.error(str(stop))
             return stop.status
         finally:
@@ -167,9 +167,9 @@ class Run:
         self.record.update(**fields)
         self.record.save(self.run_dir)
 
-    def mark(self, status: str) -> None:
+    def mark(self, status: str, error: Optional[str] = None) -> None:
         self.record.attempt(end_time_s=now_s())
-        self.save(status=status)
+        self.save(status=status, error=error or None)
 
     def finish(self) -> None:
         self.mark("completed")
@@ -207,8 +207,8 @@ class Run:
         self.record.attempt(train_end_s=now_s(), train_exit_code=status)
         self.save()
         if status != 0:
-            raise Stop(f"training failed (exit {status}); evaluation skipped. Log: {log}.{hint}",
-                       status)
+            raise Stop(failure_line(log, f"training failed (exit {status}); evaluation skipped. "
+                                    f"Log: {log}.{hint}"), status)
 
     def last_checkpoint(self) -> Path:
         """checkpoints/last.ckpt of this run, which the training must have written."""
@@ -232,7 +232,8 @@ class Run:
         self.record.attempt(eval_exit_code=status)
         self.save()
         if status != 0:
-            raise Stop(f"evaluation failed (exit {status}). Log: {log}.{hint}", status)
+            raise Stop(failure_line(log, f"evaluation failed (exit {status}). Log: {log}.{hint}"),
+                       status)
 
     # ------------------------------------------------------------------ results
     def summarize(self) -> None:
@@ -270,6 +271,12 @@ class Run:
         if not self.summary.get("complete"):
             raise Stop(f"the summary of {self.run_dir} is incomplete (see the warnings above)",
                        record=None)
+
+
+def failure_line(log: Path, message: str) -> str:
+    """``message`` for a failed stage, or the one line a bad checkpoint stopped it with."""
+    line = stage_error(log)
+    return f"{line} (log: {log})" if line else message
 
 
 def summarize_metrics_path(summary: Dict, run_dir: Path) -> Optional[Path]:

@@ -3,8 +3,9 @@
 ``run_stage`` starts the command in a process group of its own, appends its stdout and stderr
 to the log (and shows them too with --verbose), polls a progress object while it runs and
 returns its exit status as a shell reports it (128 + N when killed by signal N): the status
-decides what the runner does next. On failure the last lines of the log are shown. Ctrl-C or
-SIGTERM to the runner reach the whole stage (every DDP rank), which gets time to stop.
+decides what the runner does next. On failure the last lines of the log are shown, unless the
+stage ended with a one-line checkpoint error (``stage_error``: the runner shows that line).
+Ctrl-C or SIGTERM to the runner reach the whole stage (every DDP rank), which gets time to stop.
 
 Part of ``bevdepth-npu run`` (bevdepth_npu/run/). Tests: tests/unit/test_run_console.py.
 """
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Protocol, Sequence
 
+from bevdepth_npu.checkpoints import child_error
 from bevdepth_npu.run.console import Console
 from bevdepth_npu.runrecord import exit_status
 
@@ -55,6 +57,12 @@ def log_tail(path: Path, lines: int = TAIL_LINES, width: int = 300) -> List[str]
         return []
     shown = [line.rsplit("\r", 1)[-1][:width] for line in text.split("\n")]
     return [line for line in shown if line.strip()][-lines:]
+
+
+def stage_error(log_path: Path) -> Optional[str]:
+    """The one-line checkpoint error a failed stage ended with (bevdepth_npu/checkpoints.py),
+    or None."""
+    return child_error(log_tail(log_path, width=4000))
 
 
 def _signal_group(proc: subprocess.Popen, signum: int) -> None:
@@ -111,7 +119,7 @@ def run_stage(console: Console, name: str, command: Sequence[str], log_path: Pat
     status = exit_status(proc.returncode)
     if status != 0 and not console.verbose:
         tail = log_tail(log_path)
-        if tail:
+        if tail and child_error(tail) is None:
             console.note(f"{name} failed (exit {status}); last lines of {log_path}:")
             console.lines(["  " + line for line in tail])
     return status

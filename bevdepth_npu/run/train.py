@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 from typing import Callable, List
 
+from bevdepth_npu import checkpoints
 from bevdepth_npu.run.console import Heartbeat
 from bevdepth_npu.run.core import Run, Stop, in_root, installed_bevdepth, is_checkout
 from bevdepth_npu.run.stages import run_stage
@@ -162,15 +163,28 @@ class TrainRun(RecipeRun):
         return command + ["--default_root_dir", str(self.run_dir), *s.experiment_args]
 
     def train(self) -> None:
-        assert self.run_dir is not None
-        last = self.run_dir / CHECKPOINTS / LAST_CKPT
-        resume = "none"
-        if last.is_file():
-            resume = str(last)
-        elif self.s.resume not in ("auto", "none"):
+        resume = self.rerun_checkpoint()
+        if resume == "none" and self.s.resume not in ("auto", "none"):
             resume = str(Path(self.s.resume).absolute())
         self.run_training(resume, self.bind_cores(), " The same command continues from the "
                           "last checkpoint, if one was written.")
+
+    def rerun_checkpoint(self) -> str:
+        """The checkpoint this run continues from ("none": it has none), checked first: a
+        rerun passes over an unreadable last.ckpt to the newest readable checkpoint
+        (bevdepth_npu/checkpoints.py). Without the check here the training's own speaks."""
+        assert self.run_dir is not None
+        if not checkpoints.has_checkpoint(self.run_dir):
+            return "none"
+        directory = self.run_dir / CHECKPOINTS
+        check = checkpoints.load_check()
+        if check is None:
+            last = directory / LAST_CKPT
+            return str(last) if last.is_file() else "none"
+        try:
+            return str(checkpoints.resume_point(directory, check, self.console.note))
+        except checkpoints.NoReadableCheckpoint as err:
+            raise Stop(str(err)) from None
 
     def evaluate_training(self) -> None:
         """full, on node 0: evaluate the checkpoint the training wrote."""

@@ -215,18 +215,19 @@ def test_evaluating_an_ema_checkpoint_reproduces_the_in_training_metrics(tmp_pat
 
 def test_checkpoint_weights_says_what_it_cannot_give(tmp_path):
     helpers.require_stack()
-    from bevdepth.callbacks.ema import CheckpointWeightsError, checkpoint_weights
+    from bevdepth.callbacks.ema import checkpoint_weights
+    from bevdepth.utils.checkpoint_file import CheckpointError
     plain = tmp_path / "plain.ckpt"
     torch.save({"pytorch-lightning_version": "1.6.5", "state_dict": {"model.w": torch.ones(1)},
                 "callbacks": {}, "global_step": 3}, plain)
     state, record = checkpoint_weights(str(plain), "model")
     assert list(state) == ["model.w"] and record == {
         "weights": "model", "checkpoint": str(plain), "global_step": 3}
-    with pytest.raises(CheckpointWeightsError, match="holds no EMA weights.*--weights model"):
+    with pytest.raises(CheckpointError, match="holds no EMA weights.*--weights model"):
         checkpoint_weights(str(plain), "ema")
     not_one = tmp_path / "other.pt"
     torch.save({"weights": torch.ones(1)}, not_one)
-    with pytest.raises(CheckpointWeightsError, match="other.pt: not a checkpoint"):
+    with pytest.raises(CheckpointError, match="other.pt: a torch file but not a checkpoint"):
         checkpoint_weights(str(not_one), "ema")
 
 
