@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bevdepth_npu import checkpoints
-from bevdepth_npu.run.runner import failure_line
+from bevdepth_npu.run.core import failure_line
 from bevdepth_npu.runrecord import find_resumable_run, RunRecord
 
 
