@@ -11,6 +11,8 @@ neither imports the other.
 - ``flatten_preds``: head outputs as name -> tensor;
 - ``relative_error``: max |actual - expected| / max |expected|, the one figure the tests assert
   on, the self-test reports and the benchmarks print;
+- ``assert_same``: exact equality of nested checkpoint contents (tensors through
+  ``torch.testing.assert_close`` without tolerance), the message naming the path;
 - ``settings_env``: run settings named as flags in capitals (``CARDS``) as the environment
   variables of bevdepth_npu/envvars.py (``BEVDEPTH_NPU_CARDS``), for the tests of the scripts;
 - ``import_pristine``, ``install_cpu_shims``: run a pristine upstream checkout on a CPU-only
@@ -40,6 +42,25 @@ def relative_error(actual, expected) -> float:
     scale = expected.abs().max().item()
     diff = (actual - expected).abs().max().item()
     return diff / scale if scale else diff
+
+
+def assert_same(ours, theirs, where: str = "checkpoint") -> None:
+    """``ours`` equals ``theirs`` exactly: tensors by ``torch.testing.assert_close`` with no
+    tolerance (dtype and device checked), mappings and sequences item by item, anything else
+    with ==; the message names the first path that differs."""
+    import torch
+    if isinstance(ours, torch.Tensor):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=lambda m: f"{where}: {m}")
+    elif isinstance(ours, dict):
+        assert isinstance(theirs, dict) and ours.keys() == theirs.keys(), where
+        for key in ours:
+            assert_same(ours[key], theirs[key], f"{where}[{key!r}]")
+    elif isinstance(ours, (list, tuple)):
+        assert isinstance(theirs, (list, tuple)) and len(ours) == len(theirs), where
+        for index, (a, b) in enumerate(zip(ours, theirs)):
+            assert_same(a, b, f"{where}[{index}]")
+    else:
+        assert ours == theirs, where
 
 
 def settings_env(**values: object) -> Dict[str, str]:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from bevdepth_npu.testing import assert_same
 from tests.integration import _ema_helpers as ema_helpers
 from tests.integration import _scripts_helpers as helpers
 
@@ -328,21 +329,6 @@ def _final(path):
                                         "optimizer_states", "lr_schedulers")}
 
 
-def _assert_same(ours, theirs, where="checkpoint"):
-    if isinstance(ours, torch.Tensor):
-        assert torch.equal(ours, theirs), where
-    elif isinstance(ours, dict):
-        assert ours.keys() == theirs.keys(), where
-        for key in ours:
-            _assert_same(ours[key], theirs[key], f"{where}[{key!r}]")
-    elif isinstance(ours, (list, tuple)):
-        assert len(ours) == len(theirs), where
-        for index, (a, b) in enumerate(zip(ours, theirs)):
-            _assert_same(a, b, f"{where}[{index}]")
-    else:
-        assert ours == theirs, where
-
-
 @pytest.mark.slow
 def test_a_rerun_over_a_truncated_last_ckpt_resumes_from_the_previous_checkpoint(
         tmp_path_factory):
@@ -379,4 +365,4 @@ def test_a_rerun_over_a_truncated_last_ckpt_resumes_from_the_previous_checkpoint
     (clean_dir,) = helpers.run_dirs(out / "clean")
     ours = _final(last)
     assert ours["global_step"] == 4
-    _assert_same(ours, _final(clean_dir / "checkpoints" / "last.ckpt"))
+    assert_same(ours, _final(clean_dir / "checkpoints" / "last.ckpt"))

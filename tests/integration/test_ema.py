@@ -27,6 +27,7 @@ import types
 import pytest
 
 from tests.conftest import require_source
+from bevdepth_npu.testing import assert_same
 from tests.integration import _ema_helpers as ema_helpers
 from tests.integration import _scripts_helpers as helpers
 
@@ -35,22 +36,6 @@ torch = pytest.importorskip("torch")
 TRAIN_ARGS = ["--learning_rate", "0.001", "--max_epochs", "2", "--limit_train_batches", "2",
               "--ckpt_every_n_steps", "1", "--deterministic", "true"]
 NON_METRICS = ("eval_time", "evaluated")
-
-
-def _assert_same(ours, theirs, where="checkpoint"):
-    if isinstance(ours, torch.Tensor):
-        assert isinstance(theirs, torch.Tensor) and ours.dtype == theirs.dtype, where
-        assert torch.equal(ours, theirs), where
-    elif isinstance(ours, dict):
-        assert ours.keys() == theirs.keys(), where
-        for key in ours:
-            _assert_same(ours[key], theirs[key], f"{where}[{key!r}]")
-    elif isinstance(ours, (list, tuple)):
-        assert len(ours) == len(theirs), where
-        for index, (a, b) in enumerate(zip(ours, theirs)):
-            _assert_same(a, b, f"{where}[{index}]")
-    else:
-        assert ours == theirs, where
 
 
 def _differing(a, b):
@@ -105,12 +90,12 @@ def test_killed_ema_training_resumes_to_the_uninterrupted_result(tmp_path_factor
     final = torch.load(last, map_location="cpu")
     expected = torch.load(reference / "checkpoints" / "last.ckpt", map_location="cpu")
     assert (final["epoch"], final["global_step"]) == (expected["epoch"], expected["global_step"])
-    _assert_same(final["state_dict"], expected["state_dict"], "state_dict")
-    _assert_same(final["optimizer_states"], expected["optimizer_states"], "optimizer_states")
-    _assert_same(final["lr_schedulers"], expected["lr_schedulers"], "lr_schedulers")
+    assert_same(final["state_dict"], expected["state_dict"], "state_dict")
+    assert_same(final["optimizer_states"], expected["optimizer_states"], "optimizer_states")
+    assert_same(final["lr_schedulers"], expected["lr_schedulers"], "lr_schedulers")
     ema, expected_ema = final["callbacks"]["EMACallback"], expected["callbacks"]["EMACallback"]
     assert expected_ema["updates"] == start + 4
-    _assert_same(ema, expected_ema, "EMA state")
+    assert_same(ema, expected_ema, "EMA state")
     # The average is not the weights themselves: the comparison above is not of copies.
     weights = {k[len("model."):]: v for k, v in final["state_dict"].items()}
     assert _differing(ema["ema_state_dict"], weights)
@@ -134,9 +119,9 @@ def test_two_ddp_processes_keep_the_same_average(tmp_path_factory):
     assert rank0["global_step"] == rank1["global_step"] == 2
     start = _train_samples(data) * 1
     assert rank0["updates"] == rank1["updates"] == start + 2   # once per step on each rank
-    _assert_same(rank0["ema_state_dict"], rank1["ema_state_dict"], "EMA of rank 1 vs rank 0")
+    assert_same(rank0["ema_state_dict"], rank1["ema_state_dict"], "EMA of rank 1 vs rank 0")
     saved = ema_helpers.ema_state(out / "run" / "checkpoints" / "last.ckpt")
-    _assert_same(saved["ema_state_dict"], rank0["ema_state_dict"], "checkpoint vs rank 0")
+    assert_same(saved["ema_state_dict"], rank0["ema_state_dict"], "checkpoint vs rank 0")
     # Control: the ranks' own weights agree, their BatchNorm statistics (from each rank's own
     # batch) do not; only averaging rank 0's statistics everywhere keeps the ranks together.
     differing = _differing(rank0["model_state_dict"], rank1["model_state_dict"])
@@ -249,6 +234,6 @@ def test_ema_state_restores_into_a_fresh_callback():
     fresh.ema_model = ModelEMA(torch.nn.Sequential(torch.nn.Linear(3, 3),
                                                    torch.nn.BatchNorm1d(3)), 0.999)
     fresh.load_state_dict(state)
-    _assert_same(fresh.state_dict(), state, "restored EMA state")
+    assert_same(fresh.state_dict(), state, "restored EMA state")
     with pytest.raises(ValueError, match="version"):
         EMACallback().load_state_dict({"version": 99})

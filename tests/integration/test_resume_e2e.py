@@ -16,28 +16,13 @@ from __future__ import annotations
 
 import pytest
 
+from bevdepth_npu.testing import assert_same
 from tests.integration import _scripts_helpers as helpers
 
 torch = pytest.importorskip("torch")
 
 SETTINGS = dict(CARDS=1, EPOCHS=2, CKPT_EVERY_N_STEPS=1, OMP_NUM_THREADS=2)
 ARGS = ["--", *helpers.EXP_ARGS, "--limit_train_batches", "2", "--deterministic", "true"]
-
-
-def _assert_same(ours, theirs, where="checkpoint"):
-    if isinstance(ours, torch.Tensor):
-        assert isinstance(theirs, torch.Tensor) and ours.dtype == theirs.dtype, where
-        assert torch.equal(ours, theirs), where
-    elif isinstance(ours, dict):
-        assert ours.keys() == theirs.keys(), where
-        for key in ours:
-            _assert_same(ours[key], theirs[key], f"{where}[{key!r}]")
-    elif isinstance(ours, (list, tuple)):
-        assert len(ours) == len(theirs), where
-        for index, (a, b) in enumerate(zip(ours, theirs)):
-            _assert_same(a, b, f"{where}[{index}]")
-    else:
-        assert ours == theirs, where
 
 
 def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path_factory):
@@ -88,7 +73,7 @@ def test_killed_training_resumes_to_the_uninterrupted_result(tmp_path_factory):
     final = torch.load(last, map_location="cpu")
     expected = torch.load(reference / "checkpoints" / "last.ckpt", map_location="cpu")
     assert (final["epoch"], final["global_step"]) == (expected["epoch"], expected["global_step"])
-    _assert_same(final["state_dict"], expected["state_dict"], "state_dict")
-    _assert_same(final["optimizer_states"], expected["optimizer_states"], "optimizer_states")
-    _assert_same(final["lr_schedulers"], expected["lr_schedulers"], "lr_schedulers")
+    assert_same(final["state_dict"], expected["state_dict"], "state_dict")
+    assert_same(final["optimizer_states"], expected["optimizer_states"], "optimizer_states")
+    assert_same(final["lr_schedulers"], expected["lr_schedulers"], "lr_schedulers")
     assert not list((run_dir / "checkpoints").glob(".*tmp*"))
