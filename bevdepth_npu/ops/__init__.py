@@ -106,3 +106,30 @@ def run(args: argparse.Namespace) -> int:
         print(f"FAIL: CPU fallback in the training step: {e.namespace}::{e.op} "
               f"({','.join(e.dtypes)}) at {e.caller}", file=sys.stderr)
     return 1 if bad else 0
+
+
+def guard(entries, listed_syncs: Dict[str, int], known_fallbacks: Dict[str, str]) -> List[str]:
+    """What the regression guard fails on, in the training phases: a CPU-fallback op not in
+    ``known_fallbacks`` (``namespace::op`` -> reason), and device syncs at a caller more often per
+    step than ``listed_syncs`` (caller file:line -> count) allows. Each message names op and
+    caller."""
+    problems = []
+    syncs: Dict[str, int] = collections.Counter()
+    for e in entries:
+        if e.phase == "eval" or e.under:
+            continue
+        name = f"{e.namespace}::{e.op}"
+        if e.klass == "CPU fallback" and name not in known_fallbacks:
+            problems.append(f"CPU fallback {name} ({','.join(e.dtypes)}) in {e.phase} at "
+                            f"{e.caller}")
+        if e.klass == "host-synchronising":
+            syncs[(e.caller, name)] += e.calls
+    per_caller: Dict[str, int] = collections.Counter()
+    for (caller, _), calls in syncs.items():
+        per_caller[caller] += calls
+    for (caller, name), calls in sorted(syncs.items()):
+        allowed = listed_syncs.get(caller, 0)
+        if per_caller[caller] > allowed:
+            problems.append(f"device sync {name} at {caller}: {per_caller[caller]} per step, "
+                            f"{allowed} listed")
+    return problems

@@ -51,6 +51,37 @@ GRAD_SCALER_SYNCS = (
 )
 
 
+# The training step's device syncs that stay, by caller (patched tree) and count per step of the
+# smoke experiment (6 head tasks), with their reason; the regression guard holds the step to them.
+TRAINING_SYNCS = {
+    # num_pos = heatmaps[task].eq(1).float().sum().item() and cls_avg_factor's .item():
+    # upstream's loss normalisation as Python floats; per task
+    "bevdepth/layers/heads/bev_depth_head.py:363": 6,
+    # heatmaps[task].new_tensor(num_pos): host data to the device, per task
+    "bevdepth/layers/heads/bev_depth_head.py:365": 6,
+    "bevdepth/layers/heads/bev_depth_head.py:366": 6,
+    # num = clamp(reduce_mean(target_box.new_tensor(num)), min=1e-4).item(): per task
+    "bevdepth/layers/heads/bev_depth_head.py:392": 6,
+    "bevdepth/layers/heads/bev_depth_head.py:393": 6,
+    "bevdepth/layers/heads/bev_depth_head.py:397": 6,
+    # the depth loss: depth_preds[fg_mask] (boolean-mask indexing) and max(1.0, fg_mask.sum())
+    # (a Python comparison reads the count)
+    "bevdepth/exps/nuscenes/base_exp.py:297": 1,
+    "bevdepth/exps/nuscenes/base_exp.py:298": 1,
+    "bevdepth/exps/nuscenes/base_exp.py:300": 1,
+}
+# CPU fallbacks of the training step known on main, with what would remove them
+KNOWN_FALLBACKS = {
+    "aten::_foreach_mul_.Tensor": (
+        "torch.nn.utils.clip_grad_norm_ (torch/nn/utils/clip_grad.py:76, Lightning 1.6.5's "
+        "gradient clipping at 5) takes its foreach path on the NPU (torch 2.1's "
+        "_get_foreach_kernels_supported_devices() names the PrivateUse1 backend) and torch_npu "
+        "2.1.0.post12 has _foreach_mul_.List/.Scalar/.ScalarList but not .Tensor: every "
+        "gradient goes to the CPU and back each step; fix: clip with foreach=False on the NPU "
+        "(per-gradient mul_.Tensor, an NPU kernel)"),
+}
+
+
 def load_model(name: str, pooling: str, batch_size: int = 1):
     module = importlib.import_module(EXPERIMENTS.get(name, name))
     root = tempfile.mkdtemp(prefix="bevdepth-npu-ops-")

@@ -52,7 +52,10 @@ MAX_DTYPES = 6  # a foreach op's hundreds of tensors are listed by count
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Python-level reads back to the host and host data sent to the device (no aten op on CPU)
 TRANSFERS = {"cpu": "Tensor.cpu", "numpy": "Tensor.numpy", "tolist": "Tensor.tolist",
-             "tensor": "torch.tensor", "as_tensor": "torch.as_tensor"}
+             "tensor": "torch.tensor", "as_tensor": "torch.as_tensor",
+             "new_tensor": "Tensor.new_tensor"}
+# ``self.new_*``: on ``self``'s device
+NEW_FACTORIES = frozenset({"new_tensor", "new_zeros", "new_ones", "new_full", "new_empty"})
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -184,8 +187,11 @@ class Recorder:
     # ---------------------------------------------------------------- entries
 
     def add(self, namespace: str, op: str, inputs: List[torch.Tensor], on_device: bool,
-            has_tensor: bool, under: str = "", klass: str = "", note: str = "") -> Entry:
-        dtypes = tuple(dtype_name(self.npu_dtype(t)) for t in inputs[:MAX_DTYPES])
+            has_tensor: bool, under: str = "", klass: str = "", note: str = "",
+            cast: Optional[torch.dtype] = None) -> Entry:
+        # ``cast``: autocast's cast of the floating inputs (fp16 and fp32 list ops)
+        dtypes = tuple(dtype_name(cast if cast is not None and self.npu_dtype(t) in FLOATING
+                                  else self.npu_dtype(t)) for t in inputs[:MAX_DTYPES])
         if len(inputs) > MAX_DTYPES:
             dtypes += (f"... {len(inputs)} tensors",)
         entry = Entry(self.phase, namespace, op, dtypes, on_device, self.caller(),
@@ -221,7 +227,10 @@ class Recorder:
         if not self.recording:
             return
         under = self._composite_parent() if self.phase in ("forward", "eval") else ""
-        self.add(namespace, op, inputs, on_device, bool(inputs or outputs), under=under)
+        kind = tables.autocast_class(names) if self.autocast[-1] else None
+        cast = {"fp16": torch.float16, "fp32": torch.float32}.get(kind or "")
+        self.add(namespace, op, inputs, on_device, bool(inputs or outputs), under=under,
+                 cast=cast)
 
     def _composite_parent(self) -> str:
         """The API call's aten op when it is CompositeImplicitAutograd in torch and has an NPU
@@ -321,6 +330,16 @@ class _ApiMode(TorchFunctionMode):
                     bool(tensors),
                     note="composite op with an NPU kernel: runs as itself on the NPU; its "
                          "backward is torch_npu's autograd registration")
+        if name in NEW_FACTORIES and args and rec.on_device(args[0]):
+            rec.host_depth, host_depth = 0, rec.host_depth  # ``self``'s device, not the region's
+            try:
+                return self._call(func, name, args, kwargs, transfer)
+            finally:
+                rec.host_depth = host_depth
+        return self._call(func, name, args, kwargs, transfer)
+
+    def _call(self, func, name, args, kwargs, transfer):
+        rec = self.recorder
         rec.api.append(name)
         try:
             out = func(*args, **kwargs)
@@ -351,6 +370,12 @@ class _ApiMode(TorchFunctionMode):
                         note="a tensor built from host data on the device")
             return
         source = args[0]
+        if transfer == "Tensor.new_tensor":
+            if rec.on_device(source) and isinstance(out, torch.Tensor):
+                rec.placed[out] = True
+                rec.add("python", transfer, [out], True, True, klass=tables.HOST_SYNC,
+                        note="a tensor built from host data on the device")
+            return
         on_device = rec.on_device(source)
         rec.add("python", transfer, [source], on_device, True,
                 klass=tables.HOST_SYNC if on_device else tables.HOST,

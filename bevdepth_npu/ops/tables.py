@@ -173,7 +173,8 @@ def classify(table: NpuTable, namespace: str, name: str, overload: str,
     (mx_driving's, mmcv's) are classified by the caller of this function from their own sources."""
     if not has_tensor or not on_device:
         return HOST
-    if name in HOST_SYNC_OPS:
+    if name in HOST_SYNC_OPS or (name == "index" and "bool" in input_dtypes):
+        # boolean-mask indexing: the output's size is the mask's count (a nonzero inside)
         return HOST_SYNC
     qualified = f"{namespace}::{op_key(name, overload)}"
     kind = kernel_class(table, name, overload,
