@@ -12,6 +12,7 @@ and draw their predictions.
     bevdepth-npu summarize RUN_DIR
     bevdepth-npu doctor [--device auto|npu|cuda|cpu] [--quick] [--data-root DIR [--full]]
     bevdepth-npu show RUN_DIR|RESULTS_JSON --data-root DIR [--version V] [--samples N]
+    bevdepth-npu ops [--exp smoke|r50] [--pooling product|fused] [--json FILE]
     bevdepth-npu pins
 
 Exit status: 0 success, 1 a check failed, 2 bad input or a missing prerequisite (message on stderr).
@@ -51,6 +52,9 @@ COMMANDS = {
                "check in under a minute whether training will work on this machine"),
     "show": ("bevdepth_npu.show", "add_arguments", "run",
              "draw predictions against the ground truth, one PNG per sample"),
+    "ops": ("bevdepth_npu.ops", "add_arguments", "run",
+            "list every op of one training and one evaluation step with its class on the NPU "
+            "(torch_npu's op table)"),
     "pins": ("bevdepth_npu.cli", "_no_arguments", "_run_pins", "print the table of pins"),
 }
 
