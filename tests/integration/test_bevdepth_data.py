@@ -218,6 +218,7 @@ def test_depth_gt_equals_projection_without_augmentation(data_root: Path) -> Non
     assert item[DEPTH_INDEX].shape == (1, 6, 256, 704)
 
 
+@pytest.mark.slow
 def test_depth_gt_equals_projection_with_augmentation(data_root: Path) -> None:
     seeds = list(range(6))
     items = assert_depth_gt_matches(data_root, is_train=True, seeds=seeds)
@@ -256,6 +257,7 @@ def test_depth_gt_file_holds_unaugmented_projection(data_root: Path) -> None:
 
 # --- gen_depth_gt.py ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_gen_depth_gt_resumes_and_leaves_no_temp_files(data_root: Path) -> None:
     proc, counts = gen_depth_gt(data_root, "--workers", "2")
     assert proc.returncode == 0, proc.stderr
@@ -276,6 +278,7 @@ def test_gen_depth_gt_resumes_and_leaves_no_temp_files(data_root: Path) -> None:
     assert depth_gt_files(data_root) == files
 
 
+@pytest.mark.slow
 def test_gen_depth_gt_counts_failures_and_exits_nonzero(data_root: Path) -> None:
     (good,) = load_infos(data_root)
     infos = [good]
@@ -305,6 +308,7 @@ def test_gen_depth_gt_counts_failures_and_exits_nonzero(data_root: Path) -> None
         assert len(depth_gt_files(data_root)) == 6
 
 
+@pytest.mark.slow
 def test_gen_depth_gt_reads_every_split_given(data_root: Path) -> None:
     shutil.move(data_root / "nuscenes_infos_train.pkl", data_root / "nuscenes_infos_val.pkl")
     proc = run_script(GEN_DEPTH_GT, "--data-root", str(data_root))
@@ -315,6 +319,7 @@ def test_gen_depth_gt_reads_every_split_given(data_root: Path) -> None:
     assert counts == (6, 0, 0)
 
 
+@pytest.mark.slow
 def test_gen_depth_gt_arguments(tmp_path: Path) -> None:
     proc = run_script(GEN_DEPTH_GT, "--help")
     assert proc.returncode == 0, proc.stderr
@@ -385,6 +390,7 @@ def test_upstream_dataset_test_passes(tmp_path: Path) -> None:
 
 # --- end to end on the synthetic dataset ---------------------------------------------------
 
+@pytest.mark.slow
 def test_gen_info_and_gen_depth_gt_on_synthetic_mini(tmp_path: Path) -> None:
     synth = pytest.importorskip("bevdepth_npu.synth", reason="bevdepth_npu.synth is missing")
     root = tmp_path / "synth"

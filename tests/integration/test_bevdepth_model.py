@@ -269,6 +269,7 @@ def build(cls, tmp_path: Path, **kwargs):
     return cls(default_root_dir=str(tmp_path / "outputs"), **helpers.small_confs(), **kwargs)
 
 
+@pytest.mark.slow
 def test_optimizer_recipe(tmp_path: Path) -> None:
     cls = exp_module("mv.bev_depth_lss_r50_256x704_128x128_24e_2key").BEVDepthLightningModel
     args = parse(cls, "--gpus", "8", "-b", "8")
@@ -386,6 +387,7 @@ FAMILIES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,class_name,fusion", FAMILIES)
 def test_family_trains_and_infers_on_cpu(name, class_name, fusion, tmp_path: Path) -> None:
     cls = getattr(exp_module(name), class_name)
@@ -408,6 +410,7 @@ def test_family_trains_and_infers_on_cpu(name, class_name, fusion, tmp_path: Pat
     assert all(torch.isfinite(v).all() for v in flat.values())
 
 
+@pytest.mark.slow
 def test_high_resolution_variants_build(tmp_path: Path) -> None:
     for name, dim in (("mv.bev_depth_lss_r50_512x1408_128x128_24e_2key", (512, 1408)),
                       ("mv.bev_depth_lss_r50_640x1600_128x128_24e_2key", (640, 1600))):
@@ -417,6 +420,7 @@ def test_high_resolution_variants_build(tmp_path: Path) -> None:
         assert optimizer.defaults["weight_decay"] == 1e-3
 
 
+@pytest.mark.slow
 def test_ema_callback_on_cpu(tmp_path: Path) -> None:
     from bevdepth.callbacks.ema import EMACallback
     cls = exp_module("mv.bev_depth_lss_r50_256x704_128x128_24e_ema").BEVDepthLightningModel
@@ -454,6 +458,7 @@ def sample_data_root(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_predict_mode_writes_submission_json(tmp_path: Path) -> None:
     import torchvision
     root = sample_data_root(tmp_path)

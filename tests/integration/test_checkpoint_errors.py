@@ -296,6 +296,7 @@ def test_eval_script_shows_the_line_and_records_it(trained, tmp_path):
     assert record["error"] == errors[0].split(": error: ", 1)[1]
 
 
+@pytest.mark.slow
 def test_doctor_reports_a_run_directory(tmp_path):
     checkpoint_file, _ = _reader()
     directory = tmp_path / "run" / "checkpoints"

@@ -73,6 +73,7 @@ def synth_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_every_check_passes_on_cpu_and_leaves_only_the_json(synth_root, tmp_path) -> None:
     work = tmp_path / "work"
     work.mkdir()
@@ -102,6 +103,7 @@ def test_quick_mode_skips_the_model_step_and_the_collective(tmp_path) -> None:
     assert "dist.collective" not in found
 
 
+@pytest.mark.slow
 def test_pooling_fused_adds_the_fused_check(tmp_path) -> None:
     proc = doctor("--quick", "--pooling", "fused", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -120,6 +122,7 @@ def _fails_with(proc: subprocess.CompletedProcess, name: str, *words: str) -> st
     return line
 
 
+@pytest.mark.slow
 def test_reverted_lightning_patch_fails(tmp_path) -> None:
     import pytorch_lightning
     shadow = tmp_path / "site"
@@ -150,6 +153,7 @@ def test_mmcv_without_its_ops_fails(tmp_path) -> None:
     _fails_with(proc, "stack.mmcv", "compiled ops do not load")
 
 
+@pytest.mark.slow
 def test_missing_info_file_and_truncated_image_fail(synth_root, tmp_path) -> None:
     root = tmp_path / "nuscenes"
     shutil.copytree(synth_root, root)

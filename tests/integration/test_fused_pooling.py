@@ -329,6 +329,7 @@ def training_step(module, batch):
     return loss.detach(), grads
 
 
+@pytest.mark.slow
 def test_fused_r50_step_equals_the_product_step(tmp_path: Path) -> None:
     batch = helpers.training_batch(SMALL_DIM, num_sweeps=2, num_boxes=10, seed=3)
     product = build(R50_2KEY, tmp_path)

@@ -71,6 +71,7 @@ def test_stand_in_is_the_wheels_files_but_the_two_that_need_cann(tmp_path, wheel
     assert libdirs[0] == str(pkg / "lib") and libs[-1] == "torch_npu"
 
 
+@pytest.mark.slow
 def test_broken_npu_sources_fail_the_check_naming_each_file(tmp_path, wheel):
     _need_torch()
     require_source("mmcv")

@@ -44,6 +44,14 @@ from bevdepth.utils import core_binding, device  # noqa: E402
 PROBE = Path(__file__).resolve().parent / "scripts" / "lightning_probe.py"
 
 
+@pytest.fixture(autouse=True)
+def _affinity_conf_restored(monkeypatch):
+    """Start-up sets CPU_AFFINITY_CONF in this process (os.environ.setdefault); set once here
+    so that monkeypatch restores what was there before, and later tests do not inherit it."""
+    monkeypatch.setenv("CPU_AFFINITY_CONF", "")
+    monkeypatch.delenv("CPU_AFFINITY_CONF")
+
+
 # ---------------------------------------------------------------- import order
 
 class _Config:
@@ -170,6 +178,7 @@ needs_two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
                                      reason="needs 2 cores for 2 ranks")
 
 
+@pytest.mark.slow
 @needs_two_cores
 def test_training_binds_every_thread_of_each_rank(tmp_path) -> None:
     allowed = sorted(os.sched_getaffinity(0))
@@ -183,6 +192,7 @@ def test_training_binds_every_thread_of_each_rank(tmp_path) -> None:
         assert all(cores == shares[rank] for cores in threads.values()), (rank, threads)
 
 
+@pytest.mark.slow
 @needs_two_cores
 def test_evaluation_and_default_runs_are_not_bound(tmp_path) -> None:
     allowed = sorted(os.sched_getaffinity(0))

@@ -322,6 +322,7 @@ def test_several_nodes_get_the_rendezvous_and_node_1_leaves_the_summary_to_node_
     assert not list(run_dir.glob("*_perf.log"))
 
 
+@pytest.mark.slow
 def test_a_failing_self_test_stops_the_run_before_training(fake, tmp_path):
     """--doctor=1 (the default): `bevdepth-npu doctor --quick` runs first; a FAIL (here a foreign
     torch, its metadata first on the path) stops the run and nothing trains."""
@@ -361,7 +362,8 @@ def test_verbose_shows_the_stages_output(fake):
 # ------------------------------------------------------------------ env_npu.sh
 
 def bash(code: str, env=None, cwd=None) -> subprocess.CompletedProcess:
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("ASCEND", "CANN"))}
+    full = {k: v for k, v in os.environ.items()
+            if not k.startswith(("ASCEND", "CANN")) and k != "CPU_AFFINITY_CONF"}
     full.update(env or {})
     return subprocess.run(["bash", "-c", f"set -euo pipefail; {code}"], env=full, cwd=cwd,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
