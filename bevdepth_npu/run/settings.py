@@ -148,8 +148,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("precision", choice("16", "32", "bf16"), "16|32|bf16", "16: fp16 AMP (CPU: 32)"),
     Option("data_root", _TEXT, "DIR", "nuScenes with info files, relative to BEVDepth"),
     Option("exp", _TEXT, "FILE", "experiment file, relative to BEVDepth"),
-    Option("device", choice(*devices.DEVICES), "|".join(devices.DEVICES),
-           "device type (default: npu where the Ascend toolkit is set up, cuda where "
+    Option("device", choice(*devices.CHOICES), "|".join(devices.CHOICES),
+           "device type (default, auto: npu where the Ascend toolkit is set up, cuda where "
            "nvidia-smi answers, else cpu)"),
     Option("pooling", choice("product", "fused"), "product|fused",
            "voxel pooling of the experiment (fused: depth x context without their product, "

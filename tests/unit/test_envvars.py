@@ -34,11 +34,11 @@ def test_every_device_chooser_offers_the_one_list_of_names():
     (action,) = [a for a in learning_check.build_parser()._actions
                  if "--device" in a.option_strings]
     assert tuple(action.choices) == devices.CHOICES
-    for name in devices.DEVICES:
+    for name in devices.CHOICES:
         assert settings.OPTION_BY_NAME["device"].parse(name) == name
         assert settings.SMOKE_OPTIONS["device"].parse(name) == name
     with pytest.raises(argparse.ArgumentTypeError):
-        settings.OPTION_BY_NAME["device"].parse("auto")   # full/eval: a device, or unset
+        settings.OPTION_BY_NAME["device"].parse("tpu")
 
 
 def test_choose_takes_the_flag_then_the_variable_then_what_is_installed(monkeypatch):
