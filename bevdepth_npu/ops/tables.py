@@ -23,8 +23,10 @@ The dispatcher rule (torch 2.1 ``aten/src/ATen/core/dispatch/OperatorEntry.cpp``
    PrivateUse1, and at AutogradPrivateUse1 the math kernel is not used either (step 2.2: not when
    the backend has a kernel), so the op is not decomposed on the NPU: its backward needs torch_npu's
    own autograd registration, else the autograd fallback above.
-2. Otherwise a CompositeExplicitAutograd (or ...NonFunctional) kernel serves every backend key: composite (it calls other
-   ops, each classified on its own).
+2. Otherwise a CompositeExplicitAutograd kernel serves every backend key: composite (it calls
+   other ops, each classified on its own). A CompositeExplicitAutogradNonFunctional kernel (the
+   functional and in-place variants of a structured op) calls the op's out= overload: composite
+   where torch_npu has that overload, else CPU fallback.
 3. Otherwise a CompositeImplicitAutograd kernel decomposes the op above the backend: composite.
 4. Otherwise the PrivateUse1 backend fallback: CPU fallback.
 An op with no tensor at all (catch-all registrations such as ``promote_types``) or with host
@@ -38,9 +40,10 @@ profiling docs list them on the AI CPU).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zipfile
 from pathlib import Path
-from typing import FrozenSet, Iterable, Optional, Sequence
+from typing import Dict, FrozenSet, Iterable, Optional, Sequence
 
 from bevdepth_npu.errors import UserError
 
@@ -156,13 +159,42 @@ def has_composite_kernel(qualified: str, key: str) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def structured_delegates() -> Dict[str, str]:
+    """``name[.overload]`` -> the out= op it delegates to, for torch's structured ops, from the
+    native_functions.yaml that torch ships (torchgen/packaged): the ops whose functional and
+    in-place variants a backend without its own kernel runs through their out= overload."""
+    import torchgen
+    import yaml
+    path = Path(torchgen.__file__).parent / "packaged" / "ATen" / "native" / \
+        "native_functions.yaml"
+    delegates = {}
+    for entry in yaml.safe_load(path.read_text()):
+        if "structured_delegate" in entry:
+            delegates[entry["func"].split("(", 1)[0]] = entry["structured_delegate"]
+    return delegates
+
+
 def kernel_class(table: NpuTable, name: str, overload: str,
-                 composite_implicit: bool, composite_explicit: bool) -> str:
-    """Steps 1-4 of the rule in the module docstring, for an op whose tensors are on the NPU."""
+                 composite_implicit: bool, composite_explicit: bool,
+                 composite_nonfunctional: bool = False) -> str:
+    """Steps 1-4 of the rule in the module docstring, for an op whose tensors are on the NPU.
+
+    A structured op's functional and in-place variants that a backend lacks are served by
+    torch's CompositeExplicitAutogradNonFunctional kernel, which calls the op's out= overload
+    (its structured_delegate): on the NPU that is a kernel where torch_npu has that overload,
+    else the CPU fallback (special_erfcx, linalg_inv_ex: no overload in the table at all).
+    Other NonFunctional kernels (select_backward) are implementations over other ops."""
     if table.has(name, overload):
         return NPU_KERNEL
     if composite_explicit or composite_implicit:
         return COMPOSITE
+    if composite_nonfunctional:
+        delegate = structured_delegates().get(op_key(name, overload))
+        if delegate is None:
+            return COMPOSITE   # a kernel of its own (select_backward), over other ops
+        return COMPOSITE if table.has(*(delegate.split(".", 1) + ["default"])[:2]) \
+            else CPU_FALLBACK
     return CPU_FALLBACK
 
 
@@ -179,9 +211,8 @@ def classify(table: NpuTable, namespace: str, name: str, overload: str,
     qualified = f"{namespace}::{op_key(name, overload)}"
     kind = kernel_class(table, name, overload,
                         has_composite_kernel(qualified, "CompositeImplicitAutograd"),
-                        has_composite_kernel(qualified, "CompositeExplicitAutograd")
-                        or has_composite_kernel(qualified,
-                                                "CompositeExplicitAutogradNonFunctional"))
+                        has_composite_kernel(qualified, "CompositeExplicitAutograd"),
+                        has_composite_kernel(qualified, "CompositeExplicitAutogradNonFunctional"))
     if kind != NPU_KERNEL:
         return kind
     base = name.rstrip("_")
