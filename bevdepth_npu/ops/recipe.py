@@ -77,6 +77,12 @@ KNOWN_FALLBACKS: Dict[str, str] = {}
 
 
 def load_model(name: str, pooling: str, batch_size: int = 1):
+    import logging
+
+    from mmcv.utils import get_logger
+    # mmcv reports every module's initialisation at INFO (hundreds of lines for R50); its logger
+    # takes its level when first made, so make it now and lower it
+    get_logger("mmcv").setLevel(logging.WARNING)
     module = importlib.import_module(EXPERIMENTS.get(name, name))
     root = tempfile.mkdtemp(prefix="bevdepth-npu-ops-")
     try:
@@ -94,7 +100,10 @@ def load_model(name: str, pooling: str, batch_size: int = 1):
 
 
 def _no_pretrained(module):
-    conf = copy.deepcopy(module.backbone_conf)
+    """The experiment's backbone configuration (its own, else base_exp's, which the R50
+    experiments inherit) without the ImageNet initialisation: the weights do not matter here."""
+    from bevdepth.exps.nuscenes import base_exp
+    conf = copy.deepcopy(getattr(module, "backbone_conf", base_exp.backbone_conf))
     conf["img_backbone_conf"] = dict(conf["img_backbone_conf"], init_cfg=None)
     return conf
 
