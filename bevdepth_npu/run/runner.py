@@ -69,8 +69,8 @@ def _with_python(argv: Sequence[str], python: str) -> List[str]:
 
 def _switch_interpreter(mode: str, argv: Sequence[str], python: str, start_s: float,
                         console: Console) -> None:
-    """Continue this command under ``python`` (the stack's interpreter) unless it is this one.
-    ``argv`` must name ``python`` (the second start then finds itself there)."""
+    """Continue this command under ``python`` (the stack's interpreter) unless it is this one;
+    the second start gets ``--python`` naming it, and so finds itself there."""
     found = shutil.which(python) or python
     if not (os.path.isfile(found) and os.access(found, os.X_OK)):
         raise Stop(f"--python={python} is not an executable")
@@ -105,7 +105,7 @@ def main(mode: str, argv: Sequence[str]) -> int:
         if not restarted:
             python = stack_python(settings, console.note)
             if python:
-                _switch_interpreter(mode, _with_python(argv, python), python, start_s, console)
+                _switch_interpreter(mode, argv, python, start_s, console)
     except (Stop, smoke.DataError, UserError) as err:
         console.error(str(err))
         return getattr(err, "status", 1)
