@@ -33,7 +33,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from bench import harness
 from bevdepth_npu import envvars
@@ -348,16 +348,26 @@ def _loader_runs(ctx: harness.Context, patched: harness.Worker, upstream: harnes
     return loader_rows, rates
 
 
+def _interleaved_cases(ctx: harness.Context, patched: harness.Worker, root: Path, repeats: int,
+                       key_prefix: str, field: str, names: Sequence[str], factory: str,
+                       seed: int) -> Dict[str, Any]:
+    """One case per name in the patched worker (``factory`` called with ``{field: name}``, set
+    up as ``<key_prefix>-<name>``), run interleaved at least 3 times: the samples by name."""
+    runners = {}
+    for name in names:
+        key = f"{key_prefix}-{name}"
+        patched.setup(key, factory, {field: name, "data_root": str(root),
+                                     "info_path": str(root / INFO_NAME), "seed": seed})
+        runners[name] = patched.runner(key)
+    return harness.interleave(runners, max(3, repeats), ctx.warmup)
+
+
 def _parts_runs(ctx: harness.Context, patched: harness.Worker, root: Path,
                 repeats: int) -> Dict[str, float]:
     """Median ms of each part of one sample's work, parts interleaved."""
     ctx.log("  parts of one sample")
-    part_runners = {}
-    for part in PARTS:
-        patched.setup(f"part-{part}", "bench.data:make_parts_case", dict(
-            part=part, data_root=str(root), info_path=str(root / INFO_NAME), seed=5))
-        part_runners[part] = patched.runner(f"part-{part}")
-    part_samples = harness.interleave(part_runners, max(3, repeats), ctx.warmup)
+    part_samples = _interleaved_cases(ctx, patched, root, repeats, "part", "part", PARTS,
+                                      "bench.data:make_parts_case", seed=5)
     return {p: harness.median_of(part_samples, p) * 1e3 for p in PARTS}
 
 
@@ -366,12 +376,9 @@ def _image_option_runs(ctx: harness.Context, patched: harness.Worker, root: Path
     """Time and pixel check of each image option, options interleaved: table rows; adds their
     figures to ``figures``."""
     ctx.log("  image options")
-    option_runners = {}
-    for option in IMAGE_OPTIONS:
-        patched.setup(f"image-{option}", "bench.data:make_image_option_case", dict(
-            option=option, data_root=str(root), info_path=str(root / INFO_NAME), seed=7))
-        option_runners[option] = patched.runner(f"image-{option}")
-    option_samples = harness.interleave(option_runners, max(3, repeats), ctx.warmup)
+    option_samples = _interleaved_cases(ctx, patched, root, repeats, "image", "option",
+                                        IMAGE_OPTIONS,
+                                        "bench.data:make_image_option_case", seed=7)
     option_rows = []
     shipped_s = harness.median_of(option_samples, "as shipped", "per_image_s")
     for option in IMAGE_OPTIONS:
