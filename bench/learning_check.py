@@ -57,6 +57,12 @@ DEFAULT_SAMPLES = 4          # one scene of 4 key frames: "a few samples"
 DEFAULT_BATCH = 2
 DEFAULT_LR_PER_SAMPLE = 1e-3
 DEFAULT_SYNTH_SEED = 0
+# The held-out check (--held-out, bench/held_out.py).
+DEFAULT_TRAIN_SCENES = 24
+DEFAULT_VAL_SCENES = 4
+DEFAULT_SAMPLES_PER_SCENE = 5
+DEFAULT_EPOCHS = 24          # the recipe's: its MultiStepLR drops the rate at epochs 19 and 23
+DEFAULT_EVAL_EVERY_EPOCHS = 4
 LOSS_WINDOW = 10             # steps averaged into the loss printed at each evaluation
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,10 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.learning_check",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
-                   help="training steps in all (default %(default)s)")
-    p.add_argument("--eval-every", type=positive_int, default=DEFAULT_EVAL_EVERY,
-                   help="evaluate every N steps and at the end (default %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help=f"training steps in all (default {DEFAULT_STEPS}; --held-out: "
+                        f"--epochs epochs)")
+    p.add_argument("--eval-every", type=positive_int, default=None,
+                   help=f"evaluate every N steps and at the end (default {DEFAULT_EVAL_EVERY}; "
+                        f"--held-out: every --eval-every-epochs epochs)")
     p.add_argument("--samples", type=int, choices=range(2, 41), default=DEFAULT_SAMPLES,
                    metavar="N", help="samples trained and evaluated on, 2-40 (default %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH,
@@ -92,6 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interpreter of the bevdepth-npu environment (default: this one)")
     p.add_argument("--out-dir", type=Path, default=None,
                    help="run directory to create (default: bench-results/learning_check_<time>)")
+    held = p.add_argument_group(
+        "held-out check", "train on synthetic scenes of the train split, score on scenes of the "
+        "val split never trained on (bench/held_out.py)")
+    held.add_argument("--held-out", action="store_true", help="run the held-out check")
+    held.add_argument("--train-scenes", type=int, choices=range(1, 65), default=DEFAULT_TRAIN_SCENES,
+                      metavar="N", help="training scenes, 1-64 (default %(default)s)")
+    held.add_argument("--val-scenes", type=int, choices=range(1, 17), default=DEFAULT_VAL_SCENES,
+                      metavar="N", help="held-out scenes, 1-16 (default %(default)s)")
+    held.add_argument("--samples-per-scene", type=int, choices=range(2, 41),
+                      default=DEFAULT_SAMPLES_PER_SCENE, metavar="N",
+                      help="key frames per scene, 2-40 (default %(default)s)")
+    held.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS,
+                      help="training epochs over the training scenes when --steps is not given; "
+                           "the recipe's schedule drops the rate at epochs 19 and 23 "
+                           "(default %(default)s)")
+    held.add_argument("--eval-every-epochs", type=positive_int, default=DEFAULT_EVAL_EVERY_EPOCHS,
+                      help="evaluate every N epochs and at the end (default %(default)s)")
+    held.add_argument("--ablation", choices=("none", "rotation-geometry", "depth-shift"),
+                      default="none",
+                      help="train with the geometry broken on purpose (bench/ablation.py; "
+                           "default %(default)s)")
+    held.add_argument("--depth-shift-m", type=float, default=1.0,
+                      help="--ablation depth-shift: metres added to every depth label "
+                           "(default %(default)s)")
     return p
 
 
@@ -139,7 +171,7 @@ def newest_checkpoint(root: Path) -> Optional[Path]:
 
 
 def plot(path: Path, points: List[Dict[str, Any]], steps: List[Dict[str, float]],
-         title: str) -> None:
+         title: str, target: float = TARGET_MAP, scored_on: str = "on the training samples") -> None:
     # Figure + Agg canvas: no global backend, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -157,12 +189,12 @@ def plot(path: Path, points: List[Dict[str, Any]], steps: List[Dict[str, float]]
     loss_ax.set_ylabel("training loss")
     map_ax.plot([p["step"] for p in points], [p["mAP"] for p in points], marker="o", label="mAP")
     map_ax.plot([p["step"] for p in points], [p["NDS"] for p in points], marker="s", label="NDS")
-    map_ax.axhline(TARGET_MAP, color="grey", linestyle="--", label=f"target mAP {TARGET_MAP}")
+    map_ax.axhline(target, color="grey", linestyle="--", label=f"target mAP {target}")
     map_ax.set_xlabel("step")
-    map_ax.set_ylabel("on the training samples")
+    map_ax.set_ylabel(scored_on)
     map_ax.legend(loc="lower right")
     time_ax.plot([p["train_time_s"] for p in points], [p["mAP"] for p in points], marker="o")
-    time_ax.axhline(TARGET_MAP, color="grey", linestyle="--")
+    time_ax.axhline(target, color="grey", linestyle="--")
     time_ax.set_xlabel("training time (s)")
     time_ax.set_ylabel("mAP")
     figure.suptitle(title)
@@ -173,8 +205,15 @@ def plot(path: Path, points: List[Dict[str, Any]], steps: List[Dict[str, float]]
 class Check:
     """One run of the check: the environment, the run directory and the points so far."""
 
+    version = "v1.0-mini"
+    repo_root = REPO_ROOT
+    target = TARGET_MAP
+    scored_on = "on the training samples"
+    title = "smoke experiment on {samples} synthetic samples"
+
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        self.stage_times: Dict[str, float] = {}
         self.started_s = time.time()
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = os.pathsep.join(
@@ -206,7 +245,10 @@ class Check:
         self.train_time_s = 0.0
 
     def run(self, cmd: Sequence[Any], log: Path, what: str, cwd: Optional[Path] = None) -> float:
-        return _run(cmd, log, self.env, cwd or self.bevdepth_root, what)
+        wall_s = _run(cmd, log, self.env, cwd or self.bevdepth_root, what)
+        self.stage_times[log.stem if log.parent == self.run_dir else
+                         f"{log.parent.name}/{log.stem}"] = round(wall_s, 1)
+        return wall_s
 
     def make_data(self) -> None:
         """The mini_val scene holds the samples; the training infos repeat them so that one
@@ -222,7 +264,7 @@ class Check:
         with open(self.data / "nuscenes_infos_val.pkl", "rb") as handle:
             val_infos = pickle.load(handle)
         self.samples = len(val_infos)
-        self.copies = max(1, math.ceil(args.eval_every * args.batch_size / len(val_infos)))
+        self.copies = max(1, math.ceil(self.eval_every * args.batch_size / len(val_infos)))
         atomic_write(self.data / "nuscenes_infos_train.pkl",
                      pickle.dumps(repeat_infos(val_infos, self.copies)))
         print(f"learning_check: {len(val_infos)} samples (scene "
@@ -230,8 +272,28 @@ class Check:
               f"device {self.device}" + (f", {self.env['OMP_NUM_THREADS']} torch threads"
                                          if self.device == "cpu" else ""), flush=True)
 
+    @property
+    def eval_every(self) -> int:
+        return self.args.eval_every or DEFAULT_EVAL_EVERY
+
+    def plan(self) -> List[int]:
+        """The steps at which the model is evaluated; the last one ends training."""
+        steps, every = self.args.steps or DEFAULT_STEPS, self.eval_every
+        return list(range(every, steps, every)) + [steps]
+
+    def training_command(self, milestone: int, segment: Path,
+                         checkpoint: Optional[Path]) -> List[Any]:
+        return [self.python, self.exp, *self.common(), "--learning_rate",
+                self.args.learning_rate, "--max_steps", milestone, "--max_epochs", "-1",
+                "--default_root_dir", segment,
+                "--resume", checkpoint if checkpoint is not None else "none"]
+
+    def finish(self, points: List[Dict[str, Any]], result: Dict[str, Any]) -> None:
+        """What a check adds to its result after the last evaluation."""
+
     def common(self) -> List[Any]:
-        return ["--data_root", self.data, "--device", self.device, "--seed", "0",
+        return ["--data_root", self.data, "--nusc_version", self.version,
+                "--device", self.device, "--seed", "0",
                 "--batch_size_per_device", self.args.batch_size, "--num_workers", self.workers,
                 "--enable_progress_bar", "false"]
 
@@ -240,10 +302,7 @@ class Check:
         checkpoint and where the training time came from."""
         segment = self.run_dir / f"train_{milestone:05d}"
         segment.mkdir()
-        wall_s = self.run([self.python, self.exp, *self.common(), "--learning_rate",
-                           self.args.learning_rate, "--max_steps", milestone, "--max_epochs",
-                           "-1", "--default_root_dir", segment,
-                           "--resume", checkpoint if checkpoint is not None else "none"],
+        wall_s = self.run(self.training_command(milestone, segment, checkpoint),
                           segment / "train.log", f"training to step {milestone}")
         newest = newest_checkpoint(segment)
         if newest is None:
@@ -257,12 +316,13 @@ class Check:
         self.train_time_s += sum(r.step_time_s for r in records) if records else wall_s
         return newest, "step log" if records else "process wall time"
 
-    def evaluate(self, milestone: int, checkpoint: Path) -> Dict[str, Any]:
-        evaluation = self.run_dir / f"eval_{milestone:05d}"
+    def evaluate(self, milestone: int, checkpoint: Path, split: str = "val") -> Dict[str, Any]:
+        evaluation = self.run_dir / (f"eval_{milestone:05d}" if split == "val"
+                                     else f"eval_{split}_{milestone:05d}")
         evaluation.mkdir()
         self.run([self.python, self.exp, "-e", "--ckpt_path", checkpoint, *self.common(),
-                  "--default_root_dir", evaluation],
-                 evaluation / "eval.log", f"evaluation at step {milestone}")
+                  "--eval_split", split, "--default_root_dir", evaluation],
+                 evaluation / "eval.log", f"evaluation of the {split} split at step {milestone}")
         metrics_path = evaluation / "metrics_summary.json"
         if not metrics_path.is_file():
             raise CheckError(f"evaluation at step {milestone} wrote no {metrics_path}")
@@ -279,9 +339,10 @@ class Check:
         args, final = self.args, points[-1]
         steps = [self.step_records[s] for s in sorted(self.step_records)]
         return dict(
-            check="learning", target_mAP=TARGET_MAP, passed=final["mAP"] >= TARGET_MAP,
+            check="learning", target_mAP=self.target, passed=final["mAP"] >= self.target,
             final_mAP=final["mAP"], final_NDS=final["NDS"], points=points, steps=steps,
-            settings=dict(steps=args.steps, eval_every=args.eval_every, samples=self.samples,
+            settings=dict(steps=points[-1]["step"], eval_every=points[0]["step"],
+                          samples=self.samples,
                           batch_size=args.batch_size,
                           learning_rate_per_sample=args.learning_rate,
                           synth_seed=args.synth_seed, device=self.device,
@@ -294,11 +355,15 @@ class Check:
 
 
 def run_check(args: argparse.Namespace) -> Dict[str, Any]:
-    check = Check(args)
+    if args.held_out:
+        from bench.held_out import HeldOutCheck
+        check: Check = HeldOutCheck(args)
+    else:
+        check = Check(args)
     check.run_dir.mkdir(parents=True, exist_ok=False)
     print(f"learning_check: run directory {check.run_dir}", flush=True)
     check.make_data()
-    milestones = list(range(args.eval_every, args.steps, args.eval_every)) + [args.steps]
+    milestones = check.plan()
     points: List[Dict[str, Any]] = []
     checkpoint: Optional[Path] = None
     print(f"{'step':>6} {'train time s':>13} {'loss':>10} {'mAP':>7} {'NDS':>7}", flush=True)
@@ -310,14 +375,15 @@ def run_check(args: argparse.Namespace) -> Dict[str, Any]:
         print(f"{milestone:>6} {point['train_time_s']:>13.1f} {loss_text:>10} "
               f"{point['mAP']:>7.4f} {point['NDS']:>7.4f}", flush=True)
     result = check.result(points)
+    check.finish(points, result)
     run_dir, final = check.run_dir, points[-1]
     atomic_write(run_dir / "learning_check.json",
                  (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
     plot(run_dir / "learning_check.png", points, result["steps"],
-         f"smoke experiment on {check.samples} synthetic samples, batch {args.batch_size}, "
-         f"lr {args.learning_rate:g}/sample, {check.device}")
+         check.title.format(samples=check.samples) + f", batch {args.batch_size}, "
+         f"lr {args.learning_rate:g}/sample, {check.device}", check.target, check.scored_on)
     verdict = "PASS" if result["passed"] else "FAIL"
-    print(f"learning_check: final mAP {final['mAP']:.4f} (target >= {TARGET_MAP}: {verdict}), "
+    print(f"learning_check: final mAP {final['mAP']:.4f} (target >= {check.target}: {verdict}), "
           f"NDS {final['NDS']:.4f}, wall time {result['wall_time_s']:.0f} s", flush=True)
     print(f"learning_check: wrote {run_dir / 'learning_check.json'} and "
           f"{run_dir / 'learning_check.png'}", flush=True)

@@ -43,7 +43,7 @@ COMMANDS = {
                   "build the pinned mmcv with FORCE_NPU=1 over the torch-npu wheel pin, off "
                   "the hardware"),
     "synth": ("bevdepth_npu.synth", "add_arguments", "run",
-              "write a synthetic nuScenes dataset (v1.0-mini layout)"),
+              "write a synthetic nuScenes dataset (v1.0-mini or v1.0-trainval layout)"),
     "run": ("bevdepth_npu.run", "add_arguments", "run",
             "train, evaluate or smoke-test in a fresh run directory (what test/*.sh launch)"),
     "summarize": ("bevdepth_npu.summarize", "add_arguments", "run",

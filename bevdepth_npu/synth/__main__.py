@@ -10,7 +10,8 @@ from bevdepth_npu.synth.command import add_arguments, run
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bevdepth_npu.synth",
-                                     description="write a synthetic nuScenes dataset (v1.0-mini layout)")
+                                     description="write a synthetic nuScenes dataset "
+                                                 "(v1.0-mini or v1.0-trainval layout)")
     add_arguments(parser)
     args = parser.parse_args()
     try:

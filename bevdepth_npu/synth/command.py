@@ -1,6 +1,7 @@
 """Command line of the synthetic nuScenes generator: ``bevdepth-npu synth``.
 
-    bevdepth-npu synth --out data/nuScenes-synth [--scenes 2] [--samples-per-scene 10]
+    bevdepth-npu synth --out data/nuScenes-synth [--version v1.0-mini] [--scenes 2]
+                       [--val-scenes M] [--samples-per-scene 10]
                        [--sweeps 2] [--seed 0] [--workers N] [--force] [--quiet]
 
 Argument definitions import nothing heavy; numpy and Pillow load only when ``run`` does.
@@ -19,9 +20,19 @@ from bevdepth_npu.synth import taxonomy as tx
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="dataset root to create (nuScenes layout; must be empty or new)")
-    parser.add_argument("--scenes", type=int_range(1, tx.MAX_SCENES), default=tx.DEFAULT_SCENES, metavar="N",
-                        help=f"scenes, named after the devkit's v1.0-mini scenes alternating "
-                             f"mini_train/mini_val (1-{tx.MAX_SCENES}; default %(default)s)")
+    parser.add_argument("--version", choices=tx.VERSIONS, default=tx.MINI,
+                        help="devkit layout and scene names: v1.0-mini (up to "
+                             f"{tx.MAX_SCENES} scenes, alternating mini_train/mini_val) or "
+                             f"v1.0-trainval (up to {tx.MAX_TRAINVAL_SCENES}: --val-scenes from "
+                             "the val split, the rest from the train split) (default %(default)s)")
+    parser.add_argument("--scenes", type=int_range(1, tx.MAX_TRAINVAL_SCENES),
+                        default=tx.DEFAULT_SCENES, metavar="N",
+                        help=f"scenes (v1.0-mini: 1-{tx.MAX_SCENES}; v1.0-trainval: "
+                             f"2-{tx.MAX_TRAINVAL_SCENES}; default %(default)s)")
+    parser.add_argument("--val-scenes", type=int_range(1, len(tx.TRAINVAL_VAL)), default=None,
+                        metavar="M",
+                        help="v1.0-trainval: scenes of the val split, held out of training "
+                             "(default: one in five, at least one)")
     parser.add_argument("--samples-per-scene", type=int_range(2, tx.MAX_SAMPLES_PER_SCENE),
                         default=tx.DEFAULT_SAMPLES_PER_SCENE, metavar="N",
                         help=f"key frames per scene, 0.5 s apart (2-{tx.MAX_SAMPLES_PER_SCENE}; "
@@ -48,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
     summary = generate(args.out, scenes=args.scenes, samples_per_scene=args.samples_per_scene,
                        sweeps=args.sweeps, seed=args.seed, force=args.force, workers=args.workers,
-                       progress=None if args.quiet else say)
+                       progress=None if args.quiet else say, version=args.version,
+                       val_scenes=args.val_scenes)
     print(f"synth: {summary['version']} dataset with scenes {', '.join(summary['scenes'])} in "
           f"{summary['out_dir']} (summary: {os.path.join(summary['out_dir'], SUMMARY_FILE)})",
           flush=True)

@@ -1,4 +1,5 @@
-"""Assemble and write a synthetic nuScenes dataset (v1.0-mini layout): ``generate()``.
+"""Assemble and write a synthetic nuScenes dataset (v1.0-mini or v1.0-trainval layout):
+``generate()``.
 
 Layout written under the output directory, as in real nuScenes:
 
@@ -63,17 +64,38 @@ def _check_count(name: str, value: object, low: int, high: Optional[int], why: s
 
 
 def validate(scenes: object, samples_per_scene: object, sweeps: object, seed: object,
-             workers: object) -> Tuple[int, int, int, int, int]:
-    """Check the generator's counts; raise ``SynthError`` naming the bad one."""
+             workers: object, version: object = tx.MINI,
+             val_scenes: object = None) -> Tuple[int, int, int, int, int, str, Optional[int]]:
+    """Check the generator's counts and layout; raise ``SynthError`` naming the bad one."""
+    if version not in tx.VERSIONS:
+        raise SynthError(f"version must be one of {', '.join(tx.VERSIONS)}, got {version!r}")
+    if version == tx.MINI:
+        scene_bound = (tx.MAX_SCENES, f"scene names come from the devkit's {tx.MAX_SCENES} "
+                                      f"v1.0-mini scenes; --version {tx.TRAINVAL} goes further")
+        if val_scenes is not None:
+            raise SynthError(f"val_scenes is for --version {tx.TRAINVAL}; a v1.0-mini dataset "
+                             f"alternates mini_train and mini_val scenes")
+    else:
+        scene_bound = (tx.MAX_TRAINVAL_SCENES,
+                       f"names come from the first {len(tx.TRAINVAL_TRAIN)} train and "
+                       f"{len(tx.TRAINVAL_VAL)} val scenes of the devkit's splits")
+    scenes = _check_count("scenes", scenes, 1 if version == tx.MINI else 2, *scene_bound)
+    if version == tx.TRAINVAL:
+        val_scenes = _check_count(
+            "val_scenes", tx.default_val_scenes(scenes) if val_scenes is None else val_scenes,
+            1, min(len(tx.TRAINVAL_VAL), scenes - 1),
+            "held-out scenes of the val split; at least one scene is left for training")
+        _check_count("scenes - val_scenes", scenes - val_scenes, 1, len(tx.TRAINVAL_TRAIN),
+                     "training scenes of the train split")
     return (
-        _check_count("scenes", scenes, 1, tx.MAX_SCENES,
-                     f"scene names come from the devkit's {tx.MAX_SCENES} v1.0-mini scenes"),
+        scenes,
         _check_count("samples_per_scene", samples_per_scene, 2, tx.MAX_SAMPLES_PER_SCENE,
                      "velocities need two key frames; a nuScenes scene has about 40"),
         _check_count("sweeps", sweeps, 0, tx.MAX_SWEEPS,
                      "camera sweeps between two key frames at 12 Hz"),
         _check_count("seed", seed, 0, 2 ** 63 - 1, "a non-negative integer"),
         _check_count("workers", workers, 1, None, "worker processes"),
+        str(version), val_scenes,
     )
 
 
@@ -107,10 +129,14 @@ class _Tokens:
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def plan_scenes(scenes: int, samples_per_scene: int, seed: int) -> List[ScenePlan]:
+def plan_scenes(scenes: int, samples_per_scene: int, seed: int, version: str = tx.MINI,
+                val_scenes: Optional[int] = None) -> List[ScenePlan]:
     """The worlds that ``generate`` renders for these arguments: the ground truth behind the
     tables (object velocities, calibrations), for tests and tools."""
-    return [plan_scene(i, samples_per_scene, np.random.default_rng([seed, i])) for i in range(scenes)]
+    names = tx.scene_names(version, scenes, val_scenes)
+    return [plan_scene(i, samples_per_scene,
+                       np.random.default_rng([seed, tx.world_key(version, i, name)]), name)
+            for i, name in enumerate(names)]
 
 
 def instance_token(seed: int, scene_index: int, object_index: int) -> str:
@@ -243,12 +269,12 @@ def _write_map(path: str, scenes: Sequence[ScenePlan]) -> Tuple[int, int]:
     return width_px, height_px
 
 
-def _make_dirs(out: str, channels: Sequence[str]) -> None:
+def _make_dirs(out: str, channels: Sequence[str], version: str) -> None:
     """The nuScenes folders: samples/ and sweeps/ per channel, the table folder and maps/."""
     for folder in ("samples", "sweeps"):
         for channel in channels:
             os.makedirs(os.path.join(out, folder, channel), exist_ok=True)
-    os.makedirs(os.path.join(out, tx.VERSION), exist_ok=True)
+    os.makedirs(os.path.join(out, version), exist_ok=True)
     os.makedirs(os.path.join(out, "maps"), exist_ok=True)
 
 
@@ -359,7 +385,7 @@ class _SceneTables:
                 self.job_keys.append((i, ch, k) if key else (-1, "", -1))
 
 
-def _summary(plans: Sequence[ScenePlan], seed: int, samples_per_scene: int, sweeps: int,
+def _summary(version: str, plans: Sequence[ScenePlan], seed: int, samples_per_scene: int, sweeps: int,
              built: _SceneTables, stats: List[object], instance: List[dict],
              sample_annotation: List[dict], class_counts: Dict[str, int],
              map_size_px: Tuple[int, int]) -> Dict[str, object]:
@@ -367,7 +393,7 @@ def _summary(plans: Sequence[ScenePlan], seed: int, samples_per_scene: int, swee
     lidar_key_points = [sum(r.values()) for (i, ch, k), r in zip(built.job_keys, stats)
                         if i >= 0 and ch == tx.LIDAR_CHANNEL]
     return {
-        "generator": "bevdepth_npu.synth", "format": 1, "version": tx.VERSION, "seed": seed,
+        "generator": "bevdepth_npu.synth", "format": 1, "version": version, "seed": seed,
         "scenes": [p.name for p in plans], "samples_per_scene": samples_per_scene, "sweeps": sweeps,
         "image_size_px": [tx.IMAGE_WIDTH_PX, tx.IMAGE_HEIGHT_PX], "jpeg_quality": tx.JPEG_QUALITY,
         "samples": len(built.sample), "sample_data": len(built.sample_data),
@@ -383,27 +409,30 @@ def _summary(plans: Sequence[ScenePlan], seed: int, samples_per_scene: int, swee
 def generate(out_dir: str, scenes: int = tx.DEFAULT_SCENES,
              samples_per_scene: int = tx.DEFAULT_SAMPLES_PER_SCENE, sweeps: int = tx.DEFAULT_SWEEPS,
              seed: int = tx.DEFAULT_SEED, *, force: bool = False, workers: Optional[int] = None,
-             progress: Optional[Callable[[str], None]] = None) -> Dict[str, object]:
-    """Write a synthetic nuScenes v1.0-mini dataset into ``out_dir`` and return a summary dict.
+             progress: Optional[Callable[[str], None]] = None, version: str = tx.MINI,
+             val_scenes: Optional[int] = None) -> Dict[str, object]:
+    """Write a synthetic nuScenes dataset into ``out_dir`` and return a summary dict.
 
-    ``scenes`` (1-10) take the devkit's mini scene names alternating between mini_train and
-    mini_val; ``samples_per_scene`` key frames 0.5 s apart; ``sweeps`` (0-5) non-key frames per
+    ``version`` is the devkit layout: v1.0-mini (default; ``scenes`` 1-10 take the mini scene
+    names alternating between mini_train and mini_val) or v1.0-trainval (``scenes`` 2-80, of
+    which ``val_scenes`` (default: one in five) take val split names and the rest train split
+    names). ``samples_per_scene`` key frames 0.5 s apart; ``sweeps`` (0-5) non-key frames per
     sensor before every key frame but the first; ``workers`` processes render the sensor files
     (default: one per core, at most four); ``progress`` receives one line at a time.
     Raises ``SynthError`` for bad counts or a non-empty ``out_dir`` without ``force``.
     """
     if workers is None:
         workers = default_workers()
-    scenes, samples_per_scene, sweeps, seed, workers = validate(
-        scenes, samples_per_scene, sweeps, seed, workers)
+    scenes, samples_per_scene, sweeps, seed, workers, version, val_scenes = validate(
+        scenes, samples_per_scene, sweeps, seed, workers, version, val_scenes)
     out = os.path.abspath(out_dir)
     check_output_dir(out, force)
     say = progress or (lambda line: None)
     token = _Tokens(seed)
 
-    plans = plan_scenes(scenes, samples_per_scene, seed)
+    plans = plan_scenes(scenes, samples_per_scene, seed, version, val_scenes)
     channels = tx.CAMERA_CHANNELS + (tx.LIDAR_CHANNEL,)
-    _make_dirs(out, channels)
+    _make_dirs(out, channels, version)
     vocab = _Vocabulary(channels)
     built = _SceneTables(out, seed, sweeps, channels, vocab.sensor_token)
     for plan in plans:
@@ -423,7 +452,7 @@ def generate(out_dir: str, scenes: int = tx.DEFAULT_SCENES,
     map_table = [{"token": map_token, "category": "semantic_prior", "filename": map_filename,
                   "log_tokens": [entry["token"] for entry in built.log]}]
 
-    summary = _summary(plans, seed, samples_per_scene, sweeps, built, stats, instance,
+    summary = _summary(version, plans, seed, samples_per_scene, sweeps, built, stats, instance,
                        sample_annotation, class_counts, map_size_px)
     tables = {"attribute": vocab.attribute, "calibrated_sensor": built.calibrated_sensor,
               "category": vocab.category, "ego_pose": built.ego_pose, "instance": instance,
@@ -431,7 +460,7 @@ def generate(out_dir: str, scenes: int = tx.DEFAULT_SCENES,
               "sample_annotation": sample_annotation, "sample_data": built.sample_data,
               "scene": built.scene, "sensor": vocab.sensor, "visibility": vocab.visibility}
     for name in TABLES:
-        _write_json(os.path.join(out, tx.VERSION, f"{name}.json"), tables[name])
+        _write_json(os.path.join(out, version, f"{name}.json"), tables[name])
     _write_json(os.path.join(out, SUMMARY_FILE), summary)
     say(f"synth: done: {len(built.sample)} samples, {len(sample_annotation)} annotations, "
         f"{len(jobs)} sensor files in {out}")

@@ -19,7 +19,6 @@ DEFAULT_SWEEPS = 2               # two sweeps per sensor before each key frame (
 DEFAULT_SEED = 0
 MAX_SAMPLES_PER_SCENE = 40       # a real nuScenes scene is 20 s, ~40 key frames
 
-VERSION = "v1.0-mini"
 IMAGE_WIDTH_PX = 1600
 IMAGE_HEIGHT_PX = 900
 JPEG_QUALITY = 90            # what the issue asks for; nuScenes JPEGs are of similar quality
@@ -42,6 +41,45 @@ MINI_VAL = ("scene-0103", "scene-0916")
 SCENE_NAMES = ("scene-0061", "scene-0103", "scene-0553", "scene-0655", "scene-0757",
                "scene-0796", "scene-0916", "scene-1077", "scene-1094", "scene-1100")
 MAX_SCENES = len(SCENE_NAMES)
+
+# Past ten scenes: the v1.0-trainval layout, with the first names of the devkit's train and val
+# splits (nuscenes.utils.splits; copied as names, checked against the devkit by the tests).
+# Training scenes never share a name, a world or a token with the held-out val scenes.
+TRAINVAL_TRAIN = tuple(f"scene-{n:04d}" for n in (
+    1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33,
+    34, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62,
+    63, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 120, 121))
+TRAINVAL_VAL = tuple(f"scene-{n:04d}" for n in (
+    3, 12, 13, 14, 15, 16, 17, 18, 35, 36, 38, 39, 92, 93, 94, 95))
+MINI = "v1.0-mini"
+TRAINVAL = "v1.0-trainval"
+VERSIONS = (MINI, TRAINVAL)
+MAX_TRAINVAL_SCENES = len(TRAINVAL_TRAIN) + len(TRAINVAL_VAL)
+
+
+def default_val_scenes(scenes: int) -> int:
+    """Held-out scenes of a v1.0-trainval dataset when none are asked for: one in five."""
+    return max(1, scenes // 5)
+
+
+def scene_names(version: str, scenes: int, val_scenes: Optional[int] = None) -> Tuple[str, ...]:
+    """Names of the ``scenes`` scenes of a dataset in ``version``'s layout.
+
+    v1.0-mini: the mini scenes alternating mini_train/mini_val (``val_scenes`` is implied).
+    v1.0-trainval: ``val_scenes`` names from the val split, then the rest from the train split.
+    Callers validate the counts first (``bevdepth_npu.synth.dataset.validate``).
+    """
+    if version == MINI:
+        return SCENE_NAMES[:scenes]
+    val = default_val_scenes(scenes) if val_scenes is None else val_scenes
+    return TRAINVAL_VAL[:val] + TRAINVAL_TRAIN[:scenes - val]
+
+
+def world_key(version: str, index: int, name: str) -> int:
+    """What, beside the seed, draws a scene's world: its position in a mini dataset (as the
+    generator always did), its scene number in a v1.0-trainval one, so that a scene's world does
+    not change with the number of scenes generated beside it."""
+    return index if version == MINI else 10_000 + int(name.rsplit("-", 1)[1])
 
 VEHICLE_NAME = "n015"
 LOCATION = "singapore-onenorth"

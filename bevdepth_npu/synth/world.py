@@ -283,8 +283,10 @@ def _cover(target: _Silhouette, occluder: _Silhouette) -> np.ndarray:
     return np.where(nearer, np.clip(hi - lo, 0.0, None) / span * weight, 0.0)
 
 
-def plan_scene(index: int, n_samples: int, rng: np.random.Generator) -> ScenePlan:
-    """Draw the ego path, the calibration and the objects of scene number ``index``."""
+def plan_scene(index: int, n_samples: int, rng: np.random.Generator,
+               name: Optional[str] = None) -> ScenePlan:
+    """Draw the ego path, the calibration and the objects of scene number ``index`` (named
+    ``name``; default: the ``index``-th v1.0-mini scene)."""
     speed = float(rng.uniform(*EGO_SPEED_MPS))
     curvature = 0.0 if rng.uniform() < 0.5 else float(rng.uniform(-MAX_CURVATURE_PER_M, MAX_CURVATURE_PER_M))
     start = (WORLD_OFFSET_M[0] + float(rng.uniform(0.0, WORLD_OFFSET_M[1])),
@@ -354,6 +356,6 @@ def plan_scene(index: int, n_samples: int, rng: np.random.Generator) -> ScenePla
         if got == 0:
             raise RuntimeError(f"could not place any {spec.detection_name} in scene {index} "
                                f"after {PLACEMENT_ATTEMPTS} attempts")
-    return ScenePlan(index=index, name=tx.SCENE_NAMES[index], logfile=logfile,
+    return ScenePlan(index=index, name=name or tx.SCENE_NAMES[index], logfile=logfile,
                      date_captured=f"{local:%Y-%m-%d}", start_us=start_us, n_samples=n_samples,
                      ego=ego, objects=tuple(objects), calibration=calibration)

@@ -421,7 +421,7 @@ def test_invalid_counts_are_rejected(tmp_path, kwargs, message):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("argv", [["--scenes", "0"], ["--scenes", "11"], ["--samples-per-scene", "1"],
+@pytest.mark.parametrize("argv", [["--scenes", "0"], ["--scenes", "81"], ["--samples-per-scene", "1"],
                                   ["--sweeps", "6"], ["--seed", "-3"], ["--scenes", "two"]])
 def test_cli_rejects_invalid_counts(tmp_path, capsys, argv):
     with pytest.raises(SystemExit) as exc:

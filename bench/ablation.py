@@ -1,0 +1,91 @@
+"""Run an experiment with one piece of the training geometry broken on purpose.
+
+    python -m bench.ablation --break rotation-geometry EXPERIMENT.py [EXPERIMENT ARGS...]
+    python -m bench.ablation --break depth-shift --depth-shift-m 2 EXPERIMENT.py [ARGS...]
+
+The held-out learning check (``python -m bench.learning_check --held-out --ablation ...``) trains
+through this wrapper to show that its held-out mAP falls when the port's geometry is wrong, as it
+would if a change to the loader or to ``get_geometry`` broke it; the train-sample check alone
+survives such breaks by memorising. The breaks replace functions of
+``bevdepth.datasets.nusc_det_dataset`` in this process (the data loader's forked workers inherit
+them), then run the experiment file as ``__main__`` with the remaining arguments:
+
+  rotation-geometry  the image augmentation rotates the image (and, as before, the depth labels
+                     drawn on it) but the matrix that ``get_geometry`` receives leaves the
+                     rotation out: the lift puts image features where the rotated pixels are not.
+  depth-shift        every depth label is ``--depth-shift-m`` metres deeper than the lidar says
+                     (1 m is one depth bin of the smoke experiment).
+
+Evaluation never augments, and never reads depth labels, so it runs the experiment unbroken.
+"""
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from typing import Callable, Optional, Sequence
+
+BREAKS = ("rotation-geometry", "depth-shift")
+
+
+def break_rotation_geometry(dataset_module) -> None:
+    """``img_transform`` returns the rotated image with the matrix of rotation 0."""
+    from PIL import Image
+
+    original = dataset_module.img_transform
+    blank = Image.new("RGB", (1, 1))
+
+    def img_transform(img, resize, resize_dims, crop, flip, rotate):
+        image, _ = original(img, resize, resize_dims, crop, flip, rotate)
+        # The matrix depends on the parameters only: take it from a 1x1 image, unrotated.
+        _, ida_mat = original(blank, resize, resize_dims, crop, flip, 0)
+        return image, ida_mat
+
+    dataset_module.img_transform = img_transform
+
+
+def shifted(load: Callable, shift_m: float) -> Callable:
+    """``load`` with the depth column (the last of its rows) ``shift_m`` metres deeper."""
+
+    def load_shifted(*args, **kwargs):
+        rows = load(*args, **kwargs).copy()
+        rows[:, -1] += shift_m
+        return rows
+
+    return load_shifted
+
+
+def break_depth_labels(dataset_module, shift_m: float) -> None:
+    """Depth labels, precomputed (``load_depth_gt``) or projected on the fly, ``shift_m`` deeper."""
+    dataset_module.load_depth_gt = shifted(dataset_module.load_depth_gt, shift_m)
+    dataset_module.project_lidar_depth = shifted(dataset_module.project_lidar_depth, shift_m)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.ablation", description=__doc__.split("\n")[0])
+    p.add_argument("--break", dest="broken", choices=BREAKS, required=True,
+                   help="what to break (see the module's docstring)")
+    p.add_argument("--depth-shift-m", type=float, default=1.0,
+                   help="depth-shift: metres added to every depth label (default %(default)s)")
+    p.add_argument("experiment", help="experiment file to run")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the experiment's own arguments")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from bevdepth.datasets import nusc_det_dataset
+
+    if args.broken == "rotation-geometry":
+        break_rotation_geometry(nusc_det_dataset)
+    else:
+        break_depth_labels(nusc_det_dataset, args.depth_shift_m)
+    print(f"bench.ablation: {args.broken} broken on purpose"
+          + (f" ({args.depth_shift_m:g} m)" if args.broken == "depth-shift" else ""), flush=True)
+    sys.argv = [args.experiment, *args.args]
+    runpy.run_path(args.experiment, run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The held-out learning check (``python -m bench.learning_check --held-out``) and its ablations.
+
+The check is a benchmark of half an hour; here its code paths run at the smallest size (two
+training scenes, one held-out scene, two training steps of batch 1), once unbroken and once per
+ablation, so that a change that breaks the held-out data, the train-split evaluation, the
+picture, the match rate or the ablation wrapper fails in CI. The ablations' own effect on the
+loader is checked directly on the functions they replace. Needs the bevdepth-npu env.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.integration import _bevdepth_helpers
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _dataset_module():
+    _bevdepth_helpers.require_env()
+    return pytest.importorskip("bevdepth.datasets.nusc_det_dataset",
+                               reason=_bevdepth_helpers.ENV_REASON)
+
+
+def test_rotation_break_rotates_the_image_but_not_the_matrix():
+    from PIL import Image
+
+    from bench import ablation
+
+    module = _dataset_module()
+    broken = types.SimpleNamespace(img_transform=module.img_transform)
+    ablation.break_rotation_geometry(broken)
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (90, 160, 3), dtype=np.uint8))
+    params = (0.5, (45, 80), (4, 5, 84, 50), False)
+    image, matrix = broken.img_transform(img, *params, 5.0)
+    true_image, true_matrix = module.img_transform(img, *params, 5.0)
+    _, unrotated_matrix = module.img_transform(img, *params, 0.0)
+    assert np.array_equal(np.asarray(image), np.asarray(true_image))
+    assert np.allclose(matrix.numpy(), unrotated_matrix.numpy())
+    assert not np.allclose(matrix.numpy(), true_matrix.numpy(), atol=1e-3)
+
+
+def test_depth_break_shifts_only_the_depth_column():
+    from bench import ablation
+
+    rows = np.array([[10.0, 20.0, 5.0], [30.0, 40.0, 12.5]], dtype=np.float32)
+    broken = types.SimpleNamespace(load_depth_gt=lambda path: rows,
+                                   project_lidar_depth=lambda *a: rows)
+    ablation.break_depth_labels(broken, 2.0)
+    for got in (broken.load_depth_gt("x.bin"), broken.project_lidar_depth(1, 2, 3, 4)):
+        assert np.array_equal(got[:, :2], rows[:, :2])
+        assert np.array_equal(got[:, 2], rows[:, 2] + 2.0)
+    assert rows[0, 2] == 5.0   # the loaded array itself is left alone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ablation_args", [[], ["--ablation", "rotation-geometry"],
+                                           ["--ablation", "depth-shift", "--depth-shift-m", "3"]],
+                         ids=["real", "rotation-geometry", "depth-shift"])
+def test_held_out_check_runs_its_first_steps(tmp_path, ablation_args):
+    _dataset_module()
+    pytest.importorskip("nuscenes", reason=_bevdepth_helpers.ENV_REASON)
+    out = tmp_path / "check"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.learning_check", "--held-out", "--train-scenes", "2",
+         "--val-scenes", "1", "--samples-per-scene", "2", "--steps", "2", "--eval-every", "2",
+         "--batch-size", "1", "--device", "cpu", "--num-workers", "0", "--out-dir", str(out),
+         *ablation_args],
+        cwd=str(REPO_ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    result = json.loads((out / "learning_check.json").read_text())
+    assert result["held_out"] is True and result["target_mAP"] == 0.4
+    assert result["ablation"] == (ablation_args[1] if ablation_args else "none")
+    assert result["settings"]["train_samples"] == 4 and result["settings"]["samples"] == 2
+    assert [s["step"] for s in result["steps"]] == [1, 2]
+    assert 0.0 <= result["train_scene_mAP"] <= 1.0
+    assert len(result["per_class_AP"]) == 10 and len(result["train_scene_per_class_AP"]) == 10
+    rates = result["match_rate"]
+    assert rates["sample"]["samples"] == 1 and rates["held_out"]["samples"] == 2
+    assert 0 < rates["sample"]["gt_boxes"] <= rates["held_out"]["gt_boxes"]
+    (picture,) = result["picture"]
+    assert Path(picture).read_bytes().startswith(b"\x89PNG")
+    train_log = (out / "train_00002" / "train.log").read_text()
+    if ablation_args:
+        assert f"bench.ablation: {ablation_args[1]} broken on purpose" in train_log
+        if ablation_args[1] == "depth-shift":
+            assert "(3 m)" in train_log
+    else:
+        assert "bench.ablation" not in train_log
+    assert "train scenes mAP" in proc.stdout and "ground-truth boxes with a prediction" in proc.stdout
