@@ -60,7 +60,7 @@ DEFAULT_SYNTH_SEED = 0
 # The held-out check (--held-out, bench/held_out.py).
 DEFAULT_TRAIN_SCENES = 24
 DEFAULT_VAL_SCENES = 4
-DEFAULT_SAMPLES_PER_SCENE = 5
+DEFAULT_SAMPLES_PER_SCENE = 6
 DEFAULT_EPOCHS = 24          # the recipe's: its MultiStepLR drops the rate at epochs 19 and 23
 DEFAULT_EVAL_EVERY_EPOCHS = 4
 LOSS_WINDOW = 10             # steps averaged into the loss printed at each evaluation
