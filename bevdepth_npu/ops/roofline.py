@@ -52,7 +52,8 @@ CHIP = dict(
     vector_flops=48 * 128 * 2 * 1.8e9,            # 22.1 TFLOPS fp16
     bandwidth=1.6e12,                              # bytes/s, HBM
 )
-EARLIER_EXAMPLE_STEP_S = 64 / 32.29 * 8 / 8   # 32.29 samples/s on 8 cards, 8 per card: 1.98 s
+# 32.29 samples/s on 8 cards at global batch 64 (8 per card): one step in 64 / 32.29 = 1.98 s
+EARLIER_EXAMPLE_STEP_S = 64 / 32.29
 
 CATEGORIES = ("image backbone", "FPN/neck", "depth net", "lift and pooling", "BEV encoder",
               "head", "losses", "optimizer step", "other")
@@ -279,3 +280,60 @@ class Flops:
         for hook in self._hooks:
             hook.remove()
         self.counts["optimizer step"].add(adamw_count(self.parameters))
+
+
+def at_batch(by_batch: Dict[int, Dict[str, Count]], batch: int) -> Dict[str, Count]:
+    """Per category, the counts extrapolated linearly from two recorded batches."""
+    (b1, c1), (b2, c2) = sorted(by_batch.items())[:2]
+    out: Dict[str, Count] = {}
+    for cat in CATEGORIES:
+        low, high = c1.get(cat, Count()), c2.get(cat, Count())
+        t = (batch - b1) / (b2 - b1)
+        out[cat] = Count(*(getattr(low, f) + t * (getattr(high, f) - getattr(low, f))
+                           for f in ("matrix_flops", "vector_flops", "bytes", "op_bound_s")))
+    return out
+
+
+def table_rows(counts: Dict[str, Count], chip=CHIP) -> List[Dict[str, Any]]:
+    rows = []
+    total = Count()
+    for cat in CATEGORIES:
+        c = counts.get(cat)
+        if c is None or (c.bytes == 0 and c.matrix_flops == 0 and c.vector_flops == 0):
+            continue
+        total.add(c)
+        matrix, vector, memory = c.terms(chip)
+        rows.append(dict(module=cat, matrix_gflop=c.matrix_flops / 1e9,
+                         vector_gflop=c.vector_flops / 1e9, gbytes=c.bytes / 1e9,
+                         matrix_ms=1e3 * matrix, vector_ms=1e3 * vector, memory_ms=1e3 * memory,
+                         bound_ms=1e3 * c.bound_s(chip), bound=c.bound_kind(chip),
+                         op_bound_ms=1e3 * c.op_bound_s))
+    rows.append(dict(module="sum", matrix_gflop=total.matrix_flops / 1e9,
+                     vector_gflop=total.vector_flops / 1e9, gbytes=total.bytes / 1e9,
+                     matrix_ms=sum(r["matrix_ms"] for r in rows),
+                     vector_ms=sum(r["vector_ms"] for r in rows),
+                     memory_ms=sum(r["memory_ms"] for r in rows),
+                     bound_ms=sum(r["bound_ms"] for r in rows), bound="",
+                     op_bound_ms=1e3 * total.op_bound_s))
+    return rows
+
+
+def format_table(pooling: str, batch: int, rows: Sequence[Dict[str, Any]], chip=CHIP) -> str:
+    lines = [f"Roofline, {pooling} pooling, {batch} samples per card, forward+backward+optimizer, "
+             f"on {chip['name']}: {chip['matrix_flops'] / 1e12:.1f} TFLOPS fp16 matrix, "
+             f"{chip['vector_flops'] / 1e12:.1f} TFLOPS fp16 vector, "
+             f"{chip['bandwidth'] / 1e12:.1f} TB/s",
+             f"  {'module':17s} {'matrix GF':>10s} {'vector GF':>9s} {'GB':>7s} "
+             f"{'matrix ms':>9s} {'vector ms':>9s} {'memory ms':>9s} {'bound ms':>8s} "
+             f"{'':7s} {'per-op ms':>9s}"]
+    for r in rows:
+        lines.append(f"  {r['module']:17s} {r['matrix_gflop']:10.1f} {r['vector_gflop']:9.1f} "
+                     f"{r['gbytes']:7.2f} {r['matrix_ms']:9.2f} {r['vector_ms']:9.2f} "
+                     f"{r['memory_ms']:9.2f} {r['bound_ms']:8.2f} {r['bound']:7s} "
+                     f"{r['op_bound_ms']:9.2f}")
+    total_s = rows[-1]["bound_ms"] / 1e3
+    lines.append(f"  lower bound {1e3 * total_s:.0f} ms per step (per-op sum "
+                 f"{rows[-1]['op_bound_ms']:.0f} ms) against the earlier Ascend example's "
+                 f"{EARLIER_EXAMPLE_STEP_S:.2f} s: {100 * total_s / EARLIER_EXAMPLE_STEP_S:.0f}% "
+                 f"of it")
+    return "\n".join(lines)
