@@ -57,6 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=8,
                    help="samples per card for --memory and --roofline (default: 8, the "
                         "recipe's)")
+    p.add_argument("--recorded-batches", default="1,2",
+                   help="the batches --memory and --roofline record, comma-separated: two are "
+                        "extrapolated linearly, one is scaled proportionally (R50 at 2 samples "
+                        "needs more than 9 GiB of host memory; default: %(default)s)")
     p.add_argument("--on-device", action="store_true",
                    help="on an Ascend NPU: run one real training step in a fresh process, FAIL on "
                         "every CPU-fallback warning torch_npu prints, report device syncs (see "
@@ -139,35 +143,47 @@ def run(args: argparse.Namespace) -> int:
 
 
 def physical(args: argparse.Namespace):
-    """The recordings at 1 and 2 samples per pooling mode with the memory and roofline taps;
+    """The recordings at ``--recorded-batches`` samples per pooling mode with the memory and roofline taps;
     prints the tables, returns (the batch-1 recording of ``--pooling`` with its evaluation
     step, for the inventory; the JSON report)."""
     from bevdepth_npu.ops import memory, recipe, roofline
     if args.batch < 1:
         from bevdepth_npu.errors import UserError
         raise UserError(f"--batch {args.batch}: must be at least 1")
+    try:
+        recorded = sorted({int(b) for b in args.recorded_batches.split(",") if b.strip()})
+    except ValueError:
+        recorded = []
+    if not recorded or recorded[0] < 1 or len(recorded) > 2:
+        from bevdepth_npu.errors import UserError
+        raise UserError(f"--recorded-batches {args.recorded_batches}: one or two batch sizes "
+                        f"of at least 1, such as 1,2")
     checks, estimates, report = [], [], {}
     inventory = None
-    roofs = {}
+    roofs, recorded_counts = {}, {}
     for pooling in ("product", "fused"):
         lifetimes, flops = {}, {}
-        for batch in (1, 2):
+        for batch in recorded:
             lt, fl, prof = memory.Lifetimes(), roofline.Flops(), memory.ProfiledPeak()
             rec = recipe.record(args.exp, pooling, batch_size=batch, taps=[lt, fl],
-                                step_context=prof, eval_step=(batch == 1 and pooling ==
-                                                              args.pooling and not args.no_eval))
+                                step_context=prof, eval_step=(batch == recorded[0] and pooling
+                                                              == args.pooling and not
+                                                              args.no_eval))
             lt.finish()
             fl.finish()
-            if batch == 1 and pooling == args.pooling:
+            if batch == recorded[0] and pooling == args.pooling:
                 inventory = rec
             estimate = memory.cpu_peak(lt)
             checks.append(dict(pooling=pooling, batch=batch, estimate_bytes=estimate,
                                profiler_bytes=prof.peak_bytes,
                                error=memory.error(estimate, prof.peak_bytes)))
             lifetimes[batch], flops[batch] = lt, dict(fl.counts)
-            print(f"ops: recorded {pooling} pooling at {batch} sample(s)", flush=True)
+            print(f"ops: recorded {pooling} pooling at {batch} sample(s): estimate "
+                  f"{estimate / 2**20:.1f} MiB, profiler {prof.peak_bytes / 2**20:.1f} MiB",
+                  flush=True)
         estimates.append(memory.npu_estimate(pooling, lifetimes))
         roofs[pooling] = roofline.table_rows(roofline.at_batch(flops, args.batch))
+        recorded_counts[pooling] = flops
     if args.memory:
         print(memory.format_tables(checks, estimates, args.batch))
         report["memory"] = dict(cpu_check=checks,
@@ -176,6 +192,9 @@ def physical(args: argparse.Namespace):
         for pooling, rows in roofs.items():
             print(roofline.format_table(pooling, args.batch, rows))
         report["roofline"] = dict(chip=roofline.CHIP, batch=args.batch,
+                                  recorded={p: {str(b): {k: vars(c) for k, c in counts.items()}
+                                                for b, counts in per_batch.items()}
+                                            for p, per_batch in recorded_counts.items()},
                                   earlier_example_step_s=roofline.EARLIER_EXAMPLE_STEP_S,
                                   modules=roofs)
     return inventory, report

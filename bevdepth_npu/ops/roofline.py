@@ -7,8 +7,9 @@ Counting rules, per recorded op call (``count``), at the NPU dtypes the recorder
   NPU autocast's fp16 list count as fp16 (autocast casts them). An upper bound on the traffic of
   the unfused op (a kernel that reads a tensor twice, or caches, moves more or less); views move
   nothing; ``empty`` allocations write nothing.
-- matrix FLOPs (the cube unit): matmuls and convolutions, forward and backward, by
-  ``torch.utils.flop_counter``'s formulas (2 per multiply-add).
+- matrix FLOPs (the cube unit): matmuls by ``torch.utils.flop_counter``'s formulas, convolutions
+  forward and backward by ``convolution_flops`` (2 per multiply-add; torch 2.1's backward formula
+  is wrong for transposed convolutions).
 - vector FLOPs (the vector unit), everything else: per element of the larger of the largest
   input and the largest output, times a factor: 1 for element-wise and reduction ops, ``FACTORS``
   for the ones that do more per element (normalisation, softmax, sigmoid, addcmul, ...), 0 for
@@ -170,6 +171,9 @@ def count(name: str, func, args, kwargs, out, inputs: Sequence[torch.Tensor],
 
     moved = sum(nbytes(t, True) for t in inputs) + sum(nbytes(t, False) for t in outputs)
     c = Count(bytes=float(moved))
+    if base in CONVOLUTIONS:
+        c.matrix_flops = float(convolution_flops(base, args))
+        return c
     if base in MATRIX and func is not None:
         from torch.utils.flop_counter import flop_mapping
         formula = flop_mapping.get(func._overloadpacket)
@@ -184,6 +188,41 @@ def count(name: str, func, args, kwargs, out, inputs: Sequence[torch.Tensor],
     elements = max([addressable(t) for t in list(inputs) + list(outputs)] or [0])
     c.vector_flops = float(elements * FACTORS.get(base, FACTORS.get(base.rstrip("_"), 1)))
     return c
+
+
+CONVOLUTIONS = frozenset({"convolution", "_convolution", "convolution_backward"})
+
+
+def convolution_flops(name: str, args) -> int:
+    """2 x N x prod(weight shape) x prod(S), S the spatial size of the output (of the input for
+    a transposed convolution: the side the kernel slides over); groups are in the weight's shape.
+    Backward: the same again for each of grad_input and grad_weight it computes. torch 2.1's
+    ``conv_backward_flop`` is not used: for a transposed convolution it takes the input's
+    spatial size as the kernel's for grad_weight (the BEV neck's deconvolutions: 27x too many)."""
+    if name == "convolution_backward":
+        grad_out, x, weight = args[0], args[1], args[2]
+        transposed, mask = args[7], args[10]
+        spatial = (x.shape if transposed else grad_out.shape)[2:]
+        passes = int(bool(mask[0])) + int(bool(mask[1]))
+    else:
+        x, weight, transposed = args[0], args[1], args[6]
+        spatial = x.shape[2:] if transposed else _conv_out_spatial(x, weight, args)
+        passes = 1
+    macs = x.shape[0] * _prod(weight.shape) * _prod(spatial)
+    return 2 * macs * passes
+
+
+def _prod(values) -> int:
+    n = 1
+    for v in values:
+        n *= int(v)
+    return n
+
+
+def _conv_out_spatial(x, weight, args) -> List[int]:
+    stride, padding, dilation = args[3], args[4], args[5]
+    return [(size + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+            for i, size in enumerate(x.shape[2:])]
 
 
 def dcn_count(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
@@ -283,8 +322,14 @@ class Flops:
 
 
 def at_batch(by_batch: Dict[int, Dict[str, Count]], batch: int) -> Dict[str, Count]:
-    """Per category, the counts extrapolated linearly from two recorded batches."""
-    (b1, c1), (b2, c2) = sorted(by_batch.items())[:2]
+    """Per category, the counts extrapolated linearly from two recorded batches; from one,
+    proportionally (the weights' share of the bytes then grows with the batch too: an
+    over-count), the optimizer step as recorded."""
+    points = sorted(by_batch.items())
+    if len(points) == 1:
+        points = [(0, {"optimizer step": points[0][1].get("optimizer step", Count())}),
+                  points[0]]
+    (b1, c1), (b2, c2) = points[:2]
     out: Dict[str, Count] = {}
     for cat in CATEGORIES:
         low, high = c1.get(cat, Count()), c2.get(cat, Count())

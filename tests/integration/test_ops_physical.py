@@ -152,6 +152,19 @@ def test_matmul_and_convolution_flops_and_bytes() -> None:
     assert c16.bytes == (3 * 64 + 4 * 27) * 2 + 4 * 64 * 4
 
 
+def test_convolution_backward_is_twice_the_forward_transposed_too() -> None:
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    for conv in (torch.nn.Conv2d(4, 6, 3, padding=1, groups=2),
+                 torch.nn.ConvTranspose2d(4, 6, 4, stride=4)):
+        forward = counted(lambda: conv(x))
+        weight = conv.weight.shape
+        side = (x.shape if isinstance(conv, torch.nn.ConvTranspose2d) else conv(x).shape)[2:]
+        assert forward.matrix_flops == 2 * weight.numel() * side.numel()
+        out = conv(x)
+        both = counted(lambda: out.sum().backward())
+        assert both.matrix_flops == 2 * forward.matrix_flops
+
+
 def test_element_wise_views_and_broadcasts() -> None:
     a, b = torch.randn(4, 8), torch.randn(8)
     c = counted(lambda: a + b)
@@ -198,3 +211,16 @@ def test_the_warning_texts_are_the_wheels() -> None:
     line = ("CAUTION: The operator 'aten::x' is not currently supported "
             "on the NPU backend and will fall back to run on the CPU.")
     assert on_device.parse(line)[0] == ["aten::x"]
+
+
+def test_batch_extrapolation() -> None:
+    c = roofline.Count
+    two = {1: {"head": c(bytes=10.0), "optimizer step": c(bytes=5.0)},
+           2: {"head": c(bytes=18.0), "optimizer step": c(bytes=5.0)}}
+    at8 = roofline.at_batch(two, 8)
+    assert at8["head"].bytes == 66.0 and at8["optimizer step"].bytes == 5.0
+    one = roofline.at_batch({1: two[1]}, 8)    # proportional, the optimizer as recorded
+    assert one["head"].bytes == 80.0 and one["optimizer step"].bytes == 5.0
+    estimate = memory.NpuEstimate("product", 10, 160, 20, {1: 100, 2: 180})
+    assert estimate.step_bytes(8) == 660 and estimate.total_bytes(8) == 840
+    assert memory.NpuEstimate("product", 10, 160, 20, {1: 100}).step_bytes(8) == 800
