@@ -16,7 +16,7 @@ fallback outside the composite parts the NPU does not run.
 ``--memory`` and ``--roofline`` record the training step at 1 and 2 samples with both pooling
 modes (``memory``: peak device memory, checked against torch.profiler on the CPU; ``roofline``:
 FLOPs and bytes per module and the step's lower bound on one card) and report them at ``--batch``
-samples per card. ``--on-device`` (``on_device``) runs one real step on the NPU and fails on
+samples per card. ``--on-device`` (``on_device``) runs two real steps on the NPU and fails on
 every CPU-fallback warning it prints.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", help="write every entry as JSON to FILE")
     p.add_argument("--memory", action="store_true",
                    help="estimate the step's peak device memory at --batch samples per card for "
-                        "both pooling modes (recorded at 1 and 2 samples, checked against "
+                        "both pooling modes (recorded at --recorded-batches, checked against "
                         "torch.profiler on the CPU) and the largest batch that fits a 64 GB "
                         "card with 10%% headroom")
     p.add_argument("--roofline", action="store_true",
@@ -62,9 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "extrapolated linearly, one is scaled proportionally (R50 at 2 samples "
                         "needs more than 9 GiB of host memory; default: %(default)s)")
     p.add_argument("--on-device", action="store_true",
-                   help="on an Ascend NPU: run one real training step in a fresh process, FAIL on "
-                        "every CPU-fallback warning torch_npu prints, report device syncs (see "
-                        "the README's \"Ops on the NPU\")")
+                   help="on an Ascend NPU: run two real training steps in a fresh process, FAIL "
+                        "on every CPU-fallback warning torch_npu prints, report step 2's device "
+                        "syncs (see the README's \"Ops on the NPU\")")
 
 
 def _environment_python(on_device: bool = False) -> Path:
@@ -103,18 +103,19 @@ def run(args: argparse.Namespace) -> int:
             print(f"ops: no torch in {sys.executable}; running in the environment {python}",
                   flush=True)
             os.execv(str(python), [str(python), "-m", "bevdepth_npu", "ops", *sys.argv[2:]])
+    if args.on_device:   # the step runs in a child process; this one imports no torch
+        from bevdepth_npu.ops import on_device
+        return on_device.run(args)
     import logging
     import warnings
     warnings.filterwarnings("ignore")
     logging.getLogger("mmcv").setLevel(logging.WARNING)  # the model's init report
     from bevdepth_npu.fsutil import atomic_write_text
     from bevdepth_npu.ops import recipe
-    if args.on_device:
-        from bevdepth_npu.ops import on_device
-        return on_device.run(args)
     report: Dict = {}
+    tables_text = ""
     if args.memory or args.roofline:
-        recorder, report = physical(args)
+        recorder, report, tables_text = physical(args)
     else:
         recorder = recipe.record(args.exp, args.pooling, eval_step=not args.no_eval)
     entries = list(recorder.entries.values())
@@ -128,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  - {line}")
     for where, what in recipe.GRAD_SCALER_SYNCS:
         print(f"  - device sync {where}: {what}")
+    if tables_text:
+        print(tables_text)
     bad = training_fallbacks(entries)
     if args.json:
         atomic_write_text(args.json, json.dumps(dict(
@@ -143,9 +146,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def physical(args: argparse.Namespace):
-    """The recordings at ``--recorded-batches`` samples per pooling mode with the memory and roofline taps;
-    prints the tables, returns (the batch-1 recording of ``--pooling`` with its evaluation
-    step, for the inventory; the JSON report)."""
+    """The recordings at ``--recorded-batches`` samples per pooling mode with the memory and
+    roofline taps. Returns (the first batch's recording of ``--pooling`` with its evaluation
+    step, for the inventory; the JSON report; the tables as text)."""
     from bevdepth_npu.ops import memory, recipe, roofline
     if args.batch < 1:
         from bevdepth_npu.errors import UserError
@@ -184,20 +187,21 @@ def physical(args: argparse.Namespace):
         estimates.append(memory.npu_estimate(pooling, lifetimes))
         roofs[pooling] = roofline.table_rows(roofline.at_batch(flops, args.batch))
         recorded_counts[pooling] = flops
+    texts = []
     if args.memory:
-        print(memory.format_tables(checks, estimates, args.batch))
+        texts.append(memory.format_tables(checks, estimates, args.batch))
         report["memory"] = dict(cpu_check=checks,
                                 npu=[e.to_json(args.batch) for e in estimates])
     if args.roofline:
         for pooling, rows in roofs.items():
-            print(roofline.format_table(pooling, args.batch, rows))
+            texts.append(roofline.format_table(pooling, args.batch, rows))
         report["roofline"] = dict(chip=roofline.CHIP, batch=args.batch,
                                   recorded={p: {str(b): {k: vars(c) for k, c in counts.items()}
                                                 for b, counts in per_batch.items()}
                                             for p, per_batch in recorded_counts.items()},
                                   earlier_example_step_s=roofline.EARLIER_EXAMPLE_STEP_S,
                                   modules=roofs)
-    return inventory, report
+    return inventory, report, "\n".join(texts)
 
 
 def guard(entries, listed_syncs: Dict[str, int], known_fallbacks: Dict[str, str]) -> List[str]:

@@ -31,7 +31,6 @@ import re
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 FALLBACK = re.compile(r"CAUTION: The operator '([^']+)' is not currently supported on the NPU "
