@@ -13,8 +13,8 @@ prints every entry that is not a plain NPU kernel (``--all``: every entry) and t
 ``--json`` writes every entry (atomically). Exit status 1 when the training step has a CPU
 fallback outside the composite parts the NPU does not run.
 
-``--memory`` and ``--roofline`` record the training step at 1 and 2 samples with both pooling
-modes (``memory``: peak device memory, checked against torch.profiler on the CPU; ``roofline``:
+``--memory`` and ``--roofline`` record the training step at ``--recorded-batches`` samples (1
+and 2 by default) with both pooling modes (``memory``: peak device memory, checked against torch.profiler on the CPU; ``roofline``:
 FLOPs and bytes per module and the step's lower bound on one card) and report them at ``--batch``
 samples per card. ``--on-device`` (``on_device``) runs two real steps on the NPU and fails on
 every CPU-fallback warning it prints.
