@@ -33,7 +33,7 @@ NPU configuration (``npu_estimate``), the recipe's step on one card:
 - batch: the step's peak is recorded at 1 and 2 samples and extrapolated linearly,
   ``peak(B) = peak(1) + (B - 1) * (peak(2) - peak(1))`` (activations scale with the batch; the
   intercept holds what does not); recorded at one batch b only, ``peak(B) = peak(b) * B / b``,
-  which over-counts by the batch-independent part (on the smoke experiment 0.1% of the step).
+  which over-counts by the batch-independent part (0.2% of R50's step at 1 sample).
 Not counted: the caching allocator's rounding and fragmentation, CANN's workspace and the HCCL
 buffers of a multi-card run; the 10% headroom of ``largest_batch`` stands for them.
 """
