@@ -6,6 +6,7 @@ One module per benchmark, each with NAME, TITLE and ``run(ctx) -> harness.BenchR
   data      data pipeline samples/s: precomputed depth against on-the-fly lidar projection
   train     training step time and peak memory: patched against upstream (smoke, R50)
   gpu       on CUDA: patched against upstream with its own kernels, batch 8, fp16
+  ops       the op inventory's wall time (bevdepth-npu ops --exp smoke)
 Shared machinery is in ``harness`` (timing, ratios, tables, JSON) and ``worker`` (the
 subprocess each variant runs in). The modules import torch and bevdepth only inside functions,
 so that ``--list`` and ``--help`` are quick and the workers choose which bevdepth to import.
@@ -15,10 +16,10 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-BENCHMARKS = ("geometry", "pooling", "data", "train", "gpu")
+BENCHMARKS = ("geometry", "pooling", "data", "train", "gpu", "ops")
 
 _MODULES = {"geometry": "bench.geometry", "pooling": "bench.pooling", "data": "bench.data",
-            "train": "bench.train_step", "gpu": "bench.gpu"}
+            "train": "bench.train_step", "gpu": "bench.gpu", "ops": "bench.ops"}
 
 
 def load(name: str) -> ModuleType:

@@ -2,7 +2,8 @@
 experiment, classified against the op table of the pinned torch_npu release.
 
     bevdepth-npu ops [--exp smoke|r50] [--pooling product|fused] [--no-eval] [--json FILE]
-                     [--all]
+                     [--all] [--memory] [--roofline] [--batch N]
+    bevdepth-npu ops --on-device [--exp ...] [--pooling ...]     (on an Ascend server)
 
 Records step 2 of training (forward, backward, optimizer) and one evaluation step with real CPU
 tensors at batch 1, placed and typed as the NPU run places and types them (``recorder`` and
@@ -11,6 +12,12 @@ by ``tables`` (NPU kernel, composite, host-synchronising, AI CPU suspect, CPU fa
 prints every entry that is not a plain NPU kernel (``--all``: every entry) and the counts by class;
 ``--json`` writes every entry (atomically). Exit status 1 when the training step has a CPU
 fallback outside the composite parts the NPU does not run.
+
+``--memory`` and ``--roofline`` record the training step at ``--recorded-batches`` samples (1
+and 2 by default) with both pooling modes (``memory``: peak device memory, checked against torch.profiler on the CPU; ``roofline``:
+FLOPs and bytes per module and the step's lower bound on one card) and report them at ``--batch``
+samples per card. ``--on-device`` (``on_device``) runs two real steps on the NPU and fails on
+every CPU-fallback warning it prints.
 """
 from __future__ import annotations
 
@@ -39,11 +46,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all", action="store_true",
                    help="print every entry, plain NPU kernels included")
     p.add_argument("--json", metavar="FILE", help="write every entry as JSON to FILE")
+    p.add_argument("--memory", action="store_true",
+                   help="estimate the step's peak device memory at --batch samples per card for "
+                        "both pooling modes (recorded at --recorded-batches, checked against "
+                        "torch.profiler on the CPU) and the largest batch that fits a 64 GB "
+                        "card with 10%% headroom")
+    p.add_argument("--roofline", action="store_true",
+                   help="FLOPs and bytes per module and the step's roofline lower bound on one "
+                        "Atlas 800T A2 card at --batch samples per card, both pooling modes")
+    p.add_argument("--batch", type=int, default=8,
+                   help="samples per card for --memory and --roofline (default: 8, the "
+                        "recipe's)")
+    p.add_argument("--recorded-batches", default="1,2",
+                   help="the batches --memory and --roofline record, comma-separated: two are "
+                        "extrapolated linearly, one is scaled proportionally (R50 at 2 samples "
+                        "needs more than 9 GiB of host memory; default: %(default)s)")
+    p.add_argument("--on-device", action="store_true",
+                   help="on an Ascend NPU: run two real training steps in a fresh process, FAIL "
+                        "on every CPU-fallback warning torch_npu prints, report step 2's device "
+                        "syncs (see the README's \"Ops on the NPU\")")
 
 
-def _environment_python() -> Path:
+def _environment_python(on_device: bool = False) -> Path:
     from bevdepth_npu import paths
-    return paths.venv_dir(devices.choose("cpu")) / "bin" / "python"
+    return paths.venv_dir(devices.choose(None if on_device else "cpu")) / "bin" / "python"
 
 
 def summary(entries) -> Dict[str, Dict[str, int]]:
@@ -72,18 +98,26 @@ def format_table(entries, show_all: bool) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("torch") is None:
-        python = _environment_python()
+        python = _environment_python(getattr(args, "on_device", False))
         if python.exists() and Path(sys.executable).resolve() != python.resolve():
             print(f"ops: no torch in {sys.executable}; running in the environment {python}",
                   flush=True)
             os.execv(str(python), [str(python), "-m", "bevdepth_npu", "ops", *sys.argv[2:]])
+    if args.on_device:   # the step runs in a child process; this one imports no torch
+        from bevdepth_npu.ops import on_device
+        return on_device.run(args)
     import logging
     import warnings
     warnings.filterwarnings("ignore")
     logging.getLogger("mmcv").setLevel(logging.WARNING)  # the model's init report
     from bevdepth_npu.fsutil import atomic_write_text
     from bevdepth_npu.ops import recipe
-    recorder = recipe.record(args.exp, args.pooling, eval_step=not args.no_eval)
+    report: Dict = {}
+    tables_text = ""
+    if args.memory or args.roofline:
+        recorder, report, tables_text = physical(args)
+    else:
+        recorder = recipe.record(args.exp, args.pooling, eval_step=not args.no_eval)
     entries = list(recorder.entries.values())
     print(format_table(entries, args.all))
     counts = summary(entries)
@@ -95,17 +129,79 @@ def run(args: argparse.Namespace) -> int:
         print(f"  - {line}")
     for where, what in recipe.GRAD_SCALER_SYNCS:
         print(f"  - device sync {where}: {what}")
+    if tables_text:
+        print(tables_text)
     bad = training_fallbacks(entries)
     if args.json:
         atomic_write_text(args.json, json.dumps(dict(
             experiment=args.exp, pooling=args.pooling, table=recorder.table.source,
             counts=counts, known_differences=list(recipe.KNOWN_DIFFERENCES),
             grad_scaler_syncs=[dict(caller=w, what=t) for w, t in recipe.GRAD_SCALER_SYNCS],
-            entries=[dict(vars(e), on_device=e.on_device) for e in entries]), indent=1) + "\n")
+            entries=[dict(vars(e), on_device=e.on_device) for e in entries], **report),
+            indent=1) + "\n")
     for e in bad:
         print(f"FAIL: CPU fallback in the training step: {e.namespace}::{e.op} "
               f"({','.join(e.dtypes)}) at {e.caller}", file=sys.stderr)
     return 1 if bad else 0
+
+
+def physical(args: argparse.Namespace):
+    """The recordings at ``--recorded-batches`` samples per pooling mode with the memory and
+    roofline taps. Returns (the first batch's recording of ``--pooling`` with its evaluation
+    step, for the inventory; the JSON report; the tables as text)."""
+    from bevdepth_npu.ops import memory, recipe, roofline
+    if args.batch < 1:
+        from bevdepth_npu.errors import UserError
+        raise UserError(f"--batch {args.batch}: must be at least 1")
+    try:
+        recorded = sorted({int(b) for b in args.recorded_batches.split(",") if b.strip()})
+    except ValueError:
+        recorded = []
+    if not recorded or recorded[0] < 1 or len(recorded) > 2:
+        from bevdepth_npu.errors import UserError
+        raise UserError(f"--recorded-batches {args.recorded_batches}: one or two batch sizes "
+                        f"of at least 1, such as 1,2")
+    checks, estimates, report = [], [], {}
+    inventory = None
+    roofs, recorded_counts = {}, {}
+    for pooling in ("product", "fused"):
+        lifetimes, flops = {}, {}
+        for batch in recorded:
+            lt, fl, prof = memory.Lifetimes(), roofline.Flops(), memory.ProfiledPeak()
+            rec = recipe.record(args.exp, pooling, batch_size=batch, taps=[lt, fl],
+                                step_context=prof, eval_step=(batch == recorded[0] and pooling
+                                                              == args.pooling and not
+                                                              args.no_eval))
+            lt.finish()
+            fl.finish()
+            if batch == recorded[0] and pooling == args.pooling:
+                inventory = rec
+            estimate = memory.cpu_peak(lt)
+            checks.append(dict(pooling=pooling, batch=batch, estimate_bytes=estimate,
+                               profiler_bytes=prof.peak_bytes,
+                               error=memory.error(estimate, prof.peak_bytes)))
+            lifetimes[batch], flops[batch] = lt, dict(fl.counts)
+            print(f"ops: recorded {pooling} pooling at {batch} sample(s): estimate "
+                  f"{estimate / 2**20:.1f} MiB, profiler {prof.peak_bytes / 2**20:.1f} MiB",
+                  flush=True)
+        estimates.append(memory.npu_estimate(pooling, lifetimes))
+        roofs[pooling] = roofline.table_rows(roofline.at_batch(flops, args.batch))
+        recorded_counts[pooling] = flops
+    texts = []
+    if args.memory:
+        texts.append(memory.format_tables(checks, estimates, args.batch))
+        report["memory"] = dict(cpu_check=checks,
+                                npu=[e.to_json(args.batch) for e in estimates])
+    if args.roofline:
+        for pooling, rows in roofs.items():
+            texts.append(roofline.format_table(pooling, args.batch, rows))
+        report["roofline"] = dict(chip=roofline.CHIP, batch=args.batch,
+                                  recorded={p: {str(b): {k: vars(c) for k, c in counts.items()}
+                                                for b, counts in per_batch.items()}
+                                            for p, per_batch in recorded_counts.items()},
+                                  earlier_example_step_s=roofline.EARLIER_EXAMPLE_STEP_S,
+                                  modules=roofs)
+    return inventory, report, "\n".join(texts)
 
 
 def guard(entries, listed_syncs: Dict[str, int], known_fallbacks: Dict[str, str]) -> List[str]:

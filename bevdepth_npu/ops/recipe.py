@@ -18,7 +18,7 @@ import copy
 import importlib
 import shutil
 import tempfile
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -108,11 +108,27 @@ def _no_pretrained(module):
     return conf
 
 
-def batch_for(module, model, seed: int = 0):
+def batch_for(module, model, seed: int = 0, batch_size: int = 1):
+    """A synthetic training batch of ``batch_size`` samples (one per seed, collated)."""
     from bevdepth_npu.testing import training_batch
     final_dim = tuple(model.backbone_conf["final_dim"])
     sweeps = 1 + len(model.key_idxes) + len(getattr(model, "sweep_idxes", []))
-    return training_batch(final_dim, num_sweeps=sweeps, num_boxes=12, seed=seed)
+    samples = [training_batch(final_dim, num_sweeps=sweeps, num_boxes=12,
+                              seed=seed + 1000 * i) for i in range(batch_size)]
+    return samples[0] if batch_size == 1 else _collate(samples)
+
+
+def _collate(samples):
+    first = samples[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(samples)
+    if isinstance(first, dict):
+        return {k: _collate([s[k] for s in samples]) for k in first}
+    if isinstance(first, list):
+        return [item for s in samples for item in s]
+    if isinstance(first, tuple):
+        return tuple(_collate(list(parts)) for parts in zip(*samples))
+    return first
 
 
 @contextlib.contextmanager
@@ -170,36 +186,56 @@ def npu_answers(recorder: rec_module.Recorder) -> Iterator[None]:
 
 
 def record(experiment: str = "smoke", pooling: str = "product", eval_step: bool = True,
-           table: Optional[tables.NpuTable] = None, roots: Optional[List] = None
+           table: Optional[tables.NpuTable] = None, roots: Optional[List] = None,
+           batch_size: int = 1, taps: Sequence = (), step_context=None
            ) -> rec_module.Recorder:
     """The recording of step 2 of training (forward, backward, optimizer) and, if ``eval_step``,
-    one evaluation step."""
+    one evaluation step, at ``batch_size`` samples.
+
+    ``taps`` observe every recorded op (``Recorder.taps``); a tap's ``attach(recorder, model,
+    optimizer)`` runs before step 1 and its ``before_optimizer(model)`` after step 2's backward.
+    ``step_context`` (a context manager factory) wraps step 2 from forward to ``zero_grad``
+    (the memory estimate's profiler)."""
     from bevdepth.utils import device
     device.select("cpu")
     table = table or tables.NpuTable.from_wheel_pin()
-    module, model = load_model(experiment, pooling)
+    module, model = load_model(experiment, pooling, batch_size)
     tree = rec_module.tree_root()
     recorder = rec_module.Recorder(table, roots or [tree, rec_module.PACKAGE_ROOT])
     model.log = lambda *args, **kwargs: None
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4 / 64, weight_decay=1e-7,
                                   foreach=False)
-    batches = {step: batch_for(module, model, seed=step) for step in (1, 2, 3)}
+    batches = {step: batch_for(module, model, seed=step, batch_size=batch_size if step < 3
+                               else 1) for step in (1, 2, 3)}
+    for tap in taps:
+        tap.attach(recorder, model, optimizer)
     with npu_answers(recorder), recorder.active(model):
         for step in (1, 2):
             recorder.recording = step == 2
-            batch = batches[step]
-            with torch.autograd.set_detect_anomaly(step == 2, check_nan=False):
-                recorder.phase = "forward"
-                with recorder.autocast_region(True):
-                    loss = model.training_step(batch)
-                recorder.phase = "backward"
-                loss.backward()
-            recorder.phase = "optimizer"
-            # as configure_gradient_clipping does it on the NPU
-            device.clip_grad_norm(model.parameters(), GRADIENT_CLIP, kind=device.NPU)
-            optimizer.step()
-            optimizer.zero_grad()
+            recorder.taps = list(taps) if step == 2 else []
+            batch = batches.pop(step)
+            context = step_context() if step == 2 and step_context else contextlib.nullcontext()
+            with context:
+                with torch.autograd.set_detect_anomaly(step == 2, check_nan=False):
+                    recorder.phase = "forward"
+                    with recorder.autocast_region(True):
+                        loss = model.training_step(batch)
+                    recorder.phase = "backward"
+                    loss.backward()
+                del loss, batch
+                if step == 2:
+                    for tap in taps:
+                        tap.before_optimizer(model)
+                recorder.phase = "optimizer"
+                # as configure_gradient_clipping does it on the NPU
+                recorder.segment = "clip"
+                device.clip_grad_norm(model.parameters(), GRADIENT_CLIP, kind=device.NPU)
+                recorder.segment = "update"
+                optimizer.step()
+                optimizer.zero_grad()
+                recorder.segment = ""
+        recorder.taps = []
         if eval_step:
             model.eval()
             recorder.phase = "eval"

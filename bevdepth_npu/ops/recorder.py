@@ -99,6 +99,14 @@ class Recorder:
         self.api: List[str] = []
         self.modules: List[str] = []
         self._module_names: Dict[int, str] = {}
+        # observers of every recorded op:
+        # ``tap(recorder, func, args, kwargs, out, inputs, outputs, cast)``
+        self.taps: List[Any] = []
+        self.segment = ""            # the caller's label inside a phase (``clip``, ``update``)
+        # autograd node sequence number -> the module whose forward created it (backward ops
+        # are attributed to the module of their node: ``module_now``)
+        self.node_modules: Dict[int, str] = {}
+        self._node_keys: List[int] = []
 
     # ---------------------------------------------------------------- placement and dtypes
 
@@ -231,6 +239,36 @@ class Recorder:
         cast = {"fp16": torch.float16, "fp32": torch.float32}.get(kind or "")
         self.add(namespace, op, inputs, on_device, bool(inputs or outputs), under=under,
                  cast=cast)
+        for tap in self.taps:
+            tap(self, func, args, kwargs, out, inputs, outputs, cast)
+
+    # ---------------------------------------------------------------- modules of ops
+
+    def note_nodes(self, out: Any, module: Optional[str] = None) -> None:
+        """Remember which module created the autograd nodes of ``out`` (forward only)."""
+        if self.phase != "forward" or not self.recording:
+            return
+        name = module if module is not None else (self.modules[-1] if self.modules else "")
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                self.node_modules.setdefault(t.grad_fn._sequence_nr(), name)
+
+    def module_now(self) -> str:
+        """The module (``Type:dotted.name``, '' outside any) running the current op: the
+        innermost module in forward; in backward the module whose forward created the node
+        being run (nodes made inside one API call map to the call's output node: the nearest
+        remembered sequence number at or above the node's; '?' for a node no forward call made,
+        such as gradient accumulation)."""
+        if self.phase != "backward":
+            return self.modules[-1] if self.modules else ""
+        node = torch._C._current_autograd_node()
+        if node is None:
+            return ""
+        if len(self._node_keys) != len(self.node_modules):
+            self._node_keys = sorted(self.node_modules)
+        import bisect
+        i = bisect.bisect_left(self._node_keys, node._sequence_nr())
+        return self.node_modules[self._node_keys[i]] if i < len(self._node_keys) else "?"
 
     def _composite_parent(self) -> str:
         """The API call's aten op when it is CompositeImplicitAutograd in torch and has an NPU
@@ -263,6 +301,7 @@ class Recorder:
 
     def _leave_module(self, module, args, out):
         if id(module) in self._module_names and self.modules:
+            self.note_nodes(out, self.modules[-1])
             self.modules.pop()
 
 
@@ -345,6 +384,8 @@ class _ApiMode(TorchFunctionMode):
             out = func(*args, **kwargs)
         finally:
             rec.api.pop()
+        if rec.taps and len(rec.api) == 0:
+            rec.note_nodes(out)
         if rec.recording and transfer is not None:
             self._transfer(transfer, args, out)
         if (transfer in ("Tensor.cpu", "Tensor.to(cpu)") and isinstance(out, torch.Tensor)
