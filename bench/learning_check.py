@@ -1,6 +1,8 @@
-"""Learning check: the smoke experiment memorises a few synthetic samples.
+"""Learning check: the smoke experiment memorises a few synthetic samples, and (--held-out) finds
+objects in synthetic scenes it never trained on.
 
     python -m bench.learning_check                       # from the repository root, in the env
+    python -m bench.learning_check --held-out            # the held-out check: bench/held_out.py
     python -m bench.learning_check --steps 200 --eval-every 50 --samples 4 --learning-rate 1e-3
     python -m bench.learning_check --python ~/.cache/bevdepth-npu/venvs/cpu-py3.11/bin/python
 
