@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     print("not recorded, from the sources:")
     for line in recipe.KNOWN_DIFFERENCES:
         print(f"  - {line}")
-    for where, what in recipe.GRAD_SCALER_SYNCS:
+    for where, what in recipe.GRAD_SCALER_SYNCS + recipe.DCN_SYNCS:
         print(f"  - device sync {where}: {what}")
     bad = training_fallbacks(entries)
     if args.json:
@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             experiment=args.exp, pooling=args.pooling, table=recorder.table.source,
             counts=counts, known_differences=list(recipe.KNOWN_DIFFERENCES),
             grad_scaler_syncs=[dict(caller=w, what=t) for w, t in recipe.GRAD_SCALER_SYNCS],
+            dcn_syncs=[dict(caller=w, what=t) for w, t in recipe.DCN_SYNCS],
             entries=[dict(vars(e), on_device=e.on_device) for e in entries]), indent=1) + "\n")
     for e in bad:
         print(f"FAIL: CPU fallback in the training step: {e.namespace}::{e.op} "
