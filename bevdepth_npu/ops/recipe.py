@@ -55,15 +55,11 @@ GRAD_SCALER_SYNCS = (
 
 
 # The training step's device syncs that stay, by caller (patched tree) and count per step of the
-# smoke experiment, with their reason; the regression guard holds the step to them. (The head's
-# loss normalisers no longer sync: they stay device tensors, its code weights are a buffer.)
-TRAINING_SYNCS = {
-    # the depth loss: depth_preds[fg_mask] (boolean-mask indexing) and max(1.0, fg_mask.sum())
-    # (a Python comparison reads the count)
-    "bevdepth/exps/nuscenes/base_exp.py:299": 1,
-    "bevdepth/exps/nuscenes/base_exp.py:300": 1,
-    "bevdepth/exps/nuscenes/base_exp.py:302": 1,
-}
+# smoke experiment, with their reason; the regression guard holds the step to them. None with
+# --pooling product: the head's loss normalisers (per task .item() and new_tensor) stay device
+# tensors, its code weights are a buffer, and the depth loss is a masked sum instead of
+# boolean-mask indexing and max(1.0, count).
+TRAINING_SYNCS: Dict[str, int] = {}
 # --pooling fused adds, per fused pooling call (one per key frame, 2 in the smoke experiment):
 FUSED_POOLING_SYNCS = {
     # nonzero over the points inside the grid: bev_pool_v3 takes only ranked points, and their
