@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     print("not recorded, from the sources:")
     for line in recipe.KNOWN_DIFFERENCES:
         print(f"  - {line}")
-    for where, what in recipe.GRAD_SCALER_SYNCS:
+    for where, what in recipe.GRAD_SCALER_SYNCS + recipe.DCN_SYNCS:
         print(f"  - device sync {where}: {what}")
     if tables_text:
         print(tables_text)
@@ -137,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
             experiment=args.exp, pooling=args.pooling, table=recorder.table.source,
             counts=counts, known_differences=list(recipe.KNOWN_DIFFERENCES),
             grad_scaler_syncs=[dict(caller=w, what=t) for w, t in recipe.GRAD_SCALER_SYNCS],
+            dcn_syncs=[dict(caller=w, what=t) for w, t in recipe.DCN_SYNCS],
             entries=[dict(vars(e), on_device=e.on_device) for e in entries], **report),
             indent=1) + "\n")
     for e in bad:

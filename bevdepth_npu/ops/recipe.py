@@ -40,6 +40,9 @@ KNOWN_DIFFERENCES = (
     "autocast: the casts NPU autocast inserts (one _to_copy per weight per call) are not recorded",
     "index targets: int64 here; device.index_dtype() gives int32 on the NPU (CPU gather needs "
     "int64)",
+    "deformable convolution: mmcv's DeformConv2d calls its compiled ops, not aten, so neither "
+    "its CPU ops nor the NPU branch's are recorded; that branch's host copies, read from the "
+    "source, are listed in DCN_SYNCS",
 )
 # torch_npu 2.1.0.post12, torch_npu/npu/amp/grad_scaler.py: the .item() calls of one step
 GRAD_SCALER_SYNCS = (
@@ -52,24 +55,26 @@ GRAD_SCALER_SYNCS = (
 
 
 # The training step's device syncs that stay, by caller (patched tree) and count per step of the
-# smoke experiment (6 head tasks), with their reason; the regression guard holds the step to them.
-TRAINING_SYNCS = {
-    # num_pos = heatmaps[task].eq(1).float().sum().item() and cls_avg_factor's .item():
-    # upstream's loss normalisation as Python floats; per task
-    "bevdepth/layers/heads/bev_depth_head.py:363": 6,
-    # heatmaps[task].new_tensor(num_pos): host data to the device, per task
-    "bevdepth/layers/heads/bev_depth_head.py:365": 6,
-    "bevdepth/layers/heads/bev_depth_head.py:366": 6,
-    # num = clamp(reduce_mean(target_box.new_tensor(num)), min=1e-4).item(): per task
-    "bevdepth/layers/heads/bev_depth_head.py:392": 6,
-    "bevdepth/layers/heads/bev_depth_head.py:393": 6,
-    "bevdepth/layers/heads/bev_depth_head.py:397": 6,
-    # the depth loss: depth_preds[fg_mask] (boolean-mask indexing) and max(1.0, fg_mask.sum())
-    # (a Python comparison reads the count)
-    "bevdepth/exps/nuscenes/base_exp.py:297": 1,
-    "bevdepth/exps/nuscenes/base_exp.py:298": 1,
-    "bevdepth/exps/nuscenes/base_exp.py:300": 1,
+# smoke experiment, with their reason; the regression guard holds the step to them. None with
+# --pooling product: the head's loss normalisers (per task .item() and new_tensor) stay device
+# tensors, its code weights are a buffer, and the depth loss is a masked sum instead of
+# boolean-mask indexing and max(1.0, count).
+TRAINING_SYNCS: Dict[str, int] = {}
+# --pooling fused adds, per fused pooling call (one per key frame, 2 in the smoke experiment):
+FUSED_POOLING_SYNCS = {
+    # nonzero over the points inside the grid: bev_pool_v3 takes only ranked points, and their
+    # number sizes the rank vectors
+    "bevdepth/ops/voxel_pooling/npu.py:241": 2,
 }
+# mmcv at the pin, NPU branch of DeformConv2d (the depth net's DCN, one call per key frame):
+# pybind ops the recording does not see; their host-to-device copies, read from the source.
+# Avoidable only in mmcv itself (mmcv.patch: build the two index vectors on the device, or
+# cache them per kernel size, group count and device).
+DCN_SYNCS = (
+    ("mmcv/ops/modulated_deform_conv.py:46", "sort_index_fp = torch.IntTensor(...).npu(): a host "
+     "list copied to the device at every DeformConv2d forward (2 per step in the 2key recipes)"),
+    ("mmcv/ops/modulated_deform_conv.py:47", "sort_index_bp, the same, kept for backward"),
+)
 # CPU fallbacks of the training step allowed, each with its reason: none. (The one this tool
 # found, _foreach_mul_.Tensor of clip_grad_norm_'s foreach path, which torch_npu 2.1.0.post12
 # lacks, is gone: the patch clips through device.clip_grad_norm, per gradient on the NPU.)

@@ -14,6 +14,9 @@ Checked:
     optimizer gets lr per sample x batch x devices and MultiStepLR [19, 23];
   - offline without the ImageNet weights the run stops at start naming resnet50-0676ba61.pth and
     where to put it (no URLError traceback); --pretrained PATH replaces the download;
+  - the depth loss, a masked sum without host syncs, equals upstream's boolean-mask version
+    (values and gradients), stays finite where a background prediction is exactly 1, and is
+    0 without foreground;
   - every experiment module imports; each family (BEVDepth 1 and 2 key frames, depth aggregation,
     BEVStereo, MatrixVT, fusion) runs one training step and one inference forward on CPU;
   - the EMA callback works without CUDA and its checkpoint loads strictly;
@@ -353,6 +356,44 @@ def test_cli_stops_at_start_without_weights(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- experiment families
+
+
+def _upstream_depth_loss(depth_labels, depth_preds):
+    """Upstream's get_depth_loss after the downsampling (BEVDepth d78c7b5, base_exp.py)."""
+    fg_mask = torch.max(depth_labels, dim=1).values > 0.0
+    return 3.0 * (torch.nn.functional.binary_cross_entropy(
+        depth_preds[fg_mask], depth_labels[fg_mask], reduction='none').sum() /
+        max(1.0, fg_mask.sum()))
+
+
+@pytest.mark.parametrize("foreground", [0.3, 0.0])
+def test_depth_loss_equals_upstreams_without_reading_the_count(foreground) -> None:
+    # the port sums over all rows with the background weighted 0 (no boolean-mask indexing,
+    # no max(1.0, count) on the host); background rows whose prediction is exactly 1 (log(1-p)
+    # = -inf unclamped) must not turn the loss or its gradient into nan
+    bins, rows = 12, 400
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, bins, 10, 20, generator=gen) * 4
+    logits[:, 5, :2] = 300.0  # softmax gives exactly 1.0 there
+    labels = torch.zeros(rows, bins)
+    fg = torch.rand(rows, generator=gen) < foreground
+    labels[fg, torch.randint(0, bins, (rows,), generator=gen)[fg]] = 1.0
+    model = types.SimpleNamespace(depth_channels=bins, get_downsampled_gt_depth=lambda x: x)
+    losses, grads = [], []
+    port = base_exp.BEVDepthLightningModel.get_depth_loss
+    for loss_of in (lambda lab, pred: port(model, lab, pred),
+                    lambda lab, pred: _upstream_depth_loss(
+                        lab, pred.permute(0, 2, 3, 1).reshape(-1, bins))):
+        preds = logits.softmax(1).requires_grad_()
+        loss = loss_of(labels, preds)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(preds.grad)
+    assert torch.isfinite(losses[0]) and torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=0)
+    if not fg.any():
+        assert losses[0] == 0 and not grads[0].any()
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

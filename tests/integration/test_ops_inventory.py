@@ -14,7 +14,12 @@ Checked:
     on CPU autocast's fp32 list of torch 2.1; the recorder gives a conv under autocast fp16;
   - the regression guard: the smoke experiment's training step (product pooling, the NPU
     pooling's chunk limit lowered so its chunked path runs) has no CPU fallback but the known
-    ones and device syncs only at the listed file:line with at most the listed count per step.
+    ones and device syncs only at the listed file:line with at most the listed count per step
+    (none are listed for product pooling);
+  - with --pooling fused, the NPU pooling module's rank arithmetic is int32 (no AI CPU suspect
+    there; the double in mx_driving_double.py checks that the ranks reach the op as int32, and
+    the contract tests that fused pooling equals the product path) and its one listed sync is
+    the nonzero that ranks the points.
 Run:
     PYTHONPATH=. python -m pytest tests/integration/test_ops_inventory.py -q
 """
@@ -29,6 +34,8 @@ torch = pytest.importorskip("torch")
 
 from bevdepth_npu import errors  # noqa: E402
 from bevdepth_npu.ops import guard, tables  # noqa: E402
+
+NPU_POOLING_MODULE = "bevdepth/ops/voxel_pooling/npu.py"
 
 
 @pytest.fixture(scope="module")
@@ -105,4 +112,22 @@ def test_training_step_guard(training_recording) -> None:
     # fp16 under autocast; the autocast(enabled=False) regions keep theirs in fp32
     assert sum(e.dtypes[0] == "float16" for e in convs) > len(convs) // 2
     problems = guard(entries, recipe.TRAINING_SYNCS, recipe.KNOWN_FALLBACKS)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.slow
+def test_fused_training_step_guard(table) -> None:
+    from bevdepth_npu.ops import recipe
+    recording = recipe.record("smoke", "fused", eval_step=False, table=table)
+    entries = [e for e in recording.entries.values() if not e.under]
+    assert {e.op for e in entries if e.namespace == "mx_driving"} == {
+        "npu_bev_pool_v3", "npu_bev_pool_v3_backward"}
+    npu_module = [e for e in entries if e.caller.startswith(NPU_POOLING_MODULE)]
+    ranks = [e for e in npu_module if e.op in ("floor_divide", "remainder.Scalar")]
+    assert ranks and all(e.dtypes[0] == "int32" for e in ranks)
+    suspects = [f"{e.op} ({','.join(e.dtypes)}) at {e.caller}" for e in npu_module
+                if e.klass == tables.AI_CPU]
+    assert not suspects, suspects
+    problems = guard(entries, {**recipe.TRAINING_SYNCS, **recipe.FUSED_POOLING_SYNCS},
+                     recipe.KNOWN_FALLBACKS)
     assert not problems, "\n".join(problems)
