@@ -1,6 +1,7 @@
 """Run an experiment with one piece of the training geometry broken on purpose.
 
     python -m bench.ablation --break rotation-geometry EXPERIMENT.py [EXPERIMENT ARGS...]
+    python -m bench.ablation --break flip-geometry EXPERIMENT.py [EXPERIMENT ARGS...]
     python -m bench.ablation --break depth-shift --depth-shift-m 2 EXPERIMENT.py [ARGS...]
 
 The held-out learning check (``python -m bench.learning_check --held-out --ablation ...``) trains
@@ -13,6 +14,9 @@ them), then run the experiment file as ``__main__`` with the remaining arguments
   rotation-geometry  the image augmentation rotates the image (and, as before, the depth labels
                      drawn on it) but the matrix that ``get_geometry`` receives leaves the
                      rotation out: the lift puts image features where the rotated pixels are not.
+  flip-geometry      the same with the augmentation's horizontal flip (half the training
+                     images): the matrix leaves the flip out, so the lift mirrors those images'
+                     features within each camera's view.
   depth-shift        every depth label is ``--depth-shift-m`` metres deeper than the lidar says
                      (1 m is one depth bin of the smoke experiment).
 
@@ -25,11 +29,12 @@ import runpy
 import sys
 from typing import Callable, Optional, Sequence
 
-BREAKS = ("rotation-geometry", "depth-shift")
+BREAKS = ("rotation-geometry", "flip-geometry", "depth-shift")
 
 
-def break_rotation_geometry(dataset_module) -> None:
-    """``img_transform`` returns the rotated image with the matrix of rotation 0."""
+def _matrix_without(dataset_module, left_out: str) -> None:
+    """``img_transform`` returns the augmented image with the matrix of the same augmentation
+    less its rotation (``left_out="rotate"``) or its flip (``"flip"``)."""
     from PIL import Image
 
     original = dataset_module.img_transform
@@ -37,11 +42,23 @@ def break_rotation_geometry(dataset_module) -> None:
 
     def img_transform(img, resize, resize_dims, crop, flip, rotate):
         image, _ = original(img, resize, resize_dims, crop, flip, rotate)
-        # The matrix depends on the parameters only: take it from a 1x1 image, unrotated.
-        _, ida_mat = original(blank, resize, resize_dims, crop, flip, 0)
+        # The matrix depends on the parameters only: take it from a 1x1 image.
+        _, ida_mat = original(blank, resize, resize_dims, crop,
+                              False if left_out == "flip" else flip,
+                              0 if left_out == "rotate" else rotate)
         return image, ida_mat
 
     dataset_module.img_transform = img_transform
+
+
+def break_rotation_geometry(dataset_module) -> None:
+    """``img_transform`` returns the rotated image with the matrix of rotation 0."""
+    _matrix_without(dataset_module, "rotate")
+
+
+def break_flip_geometry(dataset_module) -> None:
+    """``img_transform`` returns the flipped image with the matrix of no flip."""
+    _matrix_without(dataset_module, "flip")
 
 
 def shifted(load: Callable, shift_m: float) -> Callable:
@@ -78,6 +95,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.broken == "rotation-geometry":
         break_rotation_geometry(nusc_det_dataset)
+    elif args.broken == "flip-geometry":
+        break_flip_geometry(nusc_det_dataset)
     else:
         break_depth_labels(nusc_det_dataset, args.depth_shift_m)
     print(f"bench.ablation: {args.broken} broken on purpose"

@@ -37,7 +37,6 @@ VERSION = "v1.0-trainval"
 TARGET_MAP = 0.4
 MATCH_SCORE = 0.3
 MATCH_DISTANCE_M = 2.0
-ABLATIONS = ("none", "rotation-geometry", "depth-shift")
 
 
 def match_rate(results_json: Path, data_root: Path, version: str = VERSION, split: str = "val",

@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default %(default)s)")
     held.add_argument("--eval-every-epochs", type=positive_int, default=DEFAULT_EVAL_EVERY_EPOCHS,
                       help="evaluate every N epochs and at the end (default %(default)s)")
-    held.add_argument("--ablation", choices=("none", "rotation-geometry", "depth-shift"),
+    held.add_argument("--ablation", choices=("none", "rotation-geometry", "flip-geometry",
+                                             "depth-shift"),
                       default="none",
                       help="train with the geometry broken on purpose (bench/ablation.py; "
                            "default %(default)s)")

@@ -29,22 +29,27 @@ def _dataset_module():
                                reason=_bevdepth_helpers.ENV_REASON)
 
 
-def test_rotation_break_rotates_the_image_but_not_the_matrix():
+@pytest.mark.parametrize("name, flip, rotate, matrix_of", [
+    ("rotation-geometry", False, 5.0, (False, 0.0)),
+    ("flip-geometry", True, 3.0, (False, 3.0)),
+])
+def test_geometry_breaks_augment_the_image_but_not_the_matrix(name, flip, rotate, matrix_of):
     from PIL import Image
 
     from bench import ablation
 
     module = _dataset_module()
     broken = types.SimpleNamespace(img_transform=module.img_transform)
-    ablation.break_rotation_geometry(broken)
+    {"rotation-geometry": ablation.break_rotation_geometry,
+     "flip-geometry": ablation.break_flip_geometry}[name](broken)
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (90, 160, 3), dtype=np.uint8))
-    params = (0.5, (45, 80), (4, 5, 84, 50), False)
-    image, matrix = broken.img_transform(img, *params, 5.0)
-    true_image, true_matrix = module.img_transform(img, *params, 5.0)
-    _, unrotated_matrix = module.img_transform(img, *params, 0.0)
+    params = (0.5, (45, 80), (4, 5, 84, 50))
+    image, matrix = broken.img_transform(img, *params, flip, rotate)
+    true_image, true_matrix = module.img_transform(img, *params, flip, rotate)
+    _, matrix_left_out = module.img_transform(img, *params, *matrix_of)
     assert np.array_equal(np.asarray(image), np.asarray(true_image))
-    assert np.allclose(matrix.numpy(), unrotated_matrix.numpy())
+    assert np.allclose(matrix.numpy(), matrix_left_out.numpy())
     assert not np.allclose(matrix.numpy(), true_matrix.numpy(), atol=1e-3)
 
 
@@ -63,8 +68,9 @@ def test_depth_break_shifts_only_the_depth_column():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ablation_args", [[], ["--ablation", "rotation-geometry"],
+                                           ["--ablation", "flip-geometry"],
                                            ["--ablation", "depth-shift", "--depth-shift-m", "3"]],
-                         ids=["real", "rotation-geometry", "depth-shift"])
+                         ids=["real", "rotation-geometry", "flip-geometry", "depth-shift"])
 def test_held_out_check_runs_its_first_steps(tmp_path, ablation_args):
     _dataset_module()
     pytest.importorskip("nuscenes", reason=_bevdepth_helpers.ENV_REASON)
