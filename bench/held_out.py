@@ -31,7 +31,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from bench.learning_check import Check, CheckError
+from bench.learning_check import Check
+from bevdepth_npu.errors import UserError
 
 VERSION = "v1.0-trainval"
 TARGET_MAP = 0.4
@@ -88,10 +89,7 @@ class HeldOutCheck(Check):
                   "--val-scenes", args.val_scenes, "--samples-per-scene", args.samples_per_scene,
                   "--seed", args.synth_seed, "--quiet"],
                  self.run_dir / "synth.log", "bevdepth-npu synth", cwd=self.repo_root)
-        self.run([self.python, "scripts/gen_info.py", "--data-root", self.data, "--version",
-                  VERSION], self.run_dir / "gen_info.log", "scripts/gen_info.py")
-        self.run([self.python, "scripts/gen_depth_gt.py", "--data-root", self.data],
-                 self.run_dir / "gen_depth_gt.log", "scripts/gen_depth_gt.py")
+        self.write_infos()
         counts = {}
         for split in ("train", "val"):
             with open(self.data / f"nuscenes_infos_{split}.pkl", "rb") as handle:
@@ -183,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         print(json.dumps(match_rate(args.results, args.data_root, args.version, args.split,
                                     args.sample), indent=2))
-    except CheckError as err:
+    except UserError as err:   # a results file or data root the devkit cannot read
         print(f"held_out: error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -46,7 +46,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from bench.ablation import BREAKS
 from bevdepth_npu import devices
+from bevdepth_npu.synth import taxonomy as tx
 from bevdepth_npu.fsutil import atomic_write
 from bevdepth_npu.argtypes import positive_float, positive_int
 from bevdepth_npu.steplog import STEPS_FILE, read_steps
@@ -106,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         "held-out check", "train on synthetic scenes of the train split, score on scenes of the "
         "val split never trained on (bench/held_out.py)")
     held.add_argument("--held-out", action="store_true", help="run the held-out check")
-    held.add_argument("--train-scenes", type=int, choices=range(1, 65), default=DEFAULT_TRAIN_SCENES,
-                      metavar="N", help="training scenes, 1-64 (default %(default)s)")
-    held.add_argument("--val-scenes", type=int, choices=range(1, 17), default=DEFAULT_VAL_SCENES,
-                      metavar="N", help="held-out scenes, 1-16 (default %(default)s)")
+    held.add_argument("--train-scenes", type=int, choices=range(1, len(tx.TRAINVAL_TRAIN) + 1),
+                      default=DEFAULT_TRAIN_SCENES, metavar="N",
+                      help=f"training scenes, 1-{len(tx.TRAINVAL_TRAIN)} (default %(default)s)")
+    held.add_argument("--val-scenes", type=int, choices=range(1, len(tx.TRAINVAL_VAL) + 1),
+                      default=DEFAULT_VAL_SCENES, metavar="N",
+                      help=f"held-out scenes, 1-{len(tx.TRAINVAL_VAL)} (default %(default)s)")
     held.add_argument("--samples-per-scene", type=int, choices=range(2, 41),
                       default=DEFAULT_SAMPLES_PER_SCENE, metavar="N",
                       help="key frames per scene, 2-40 (default %(default)s)")
@@ -119,9 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default %(default)s)")
     held.add_argument("--eval-every-epochs", type=positive_int, default=DEFAULT_EVAL_EVERY_EPOCHS,
                       help="evaluate every N epochs and at the end (default %(default)s)")
-    held.add_argument("--ablation", choices=("none", "rotation-geometry", "flip-geometry",
-                                             "depth-shift"),
-                      default="none",
+    held.add_argument("--ablation", choices=("none",) + BREAKS, default="none",
                       help="train with the geometry broken on purpose (bench/ablation.py; "
                            "default %(default)s)")
     held.add_argument("--depth-shift-m", type=float, default=1.0,
@@ -260,10 +262,7 @@ class Check:
         self.run([self.python, "-m", "bevdepth_npu", "synth", "--out", self.data, "--scenes", "2",
                   "--samples-per-scene", args.samples, "--seed", args.synth_seed, "--quiet"],
                  self.run_dir / "synth.log", "bevdepth-npu synth", cwd=REPO_ROOT)
-        self.run([self.python, "scripts/gen_info.py", "--data-root", self.data, "--version",
-                  "v1.0-mini"], self.run_dir / "gen_info.log", "scripts/gen_info.py")
-        self.run([self.python, "scripts/gen_depth_gt.py", "--data-root", self.data],
-                 self.run_dir / "gen_depth_gt.log", "scripts/gen_depth_gt.py")
+        self.write_infos()
         with open(self.data / "nuscenes_infos_val.pkl", "rb") as handle:
             val_infos = pickle.load(handle)
         self.samples = len(val_infos)
@@ -274,6 +273,13 @@ class Check:
               f"{val_infos[0]['scene_token'][:8]}), training infos repeat them {self.copies}x; "
               f"device {self.device}" + (f", {self.env['OMP_NUM_THREADS']} torch threads"
                                          if self.device == "cpu" else ""), flush=True)
+
+    def write_infos(self) -> None:
+        """BEVDepth's info files and precomputed depth labels for the generated dataset."""
+        self.run([self.python, "scripts/gen_info.py", "--data-root", self.data, "--version",
+                  self.version], self.run_dir / "gen_info.log", "scripts/gen_info.py")
+        self.run([self.python, "scripts/gen_depth_gt.py", "--data-root", self.data],
+                 self.run_dir / "gen_depth_gt.log", "scripts/gen_depth_gt.py")
 
     @property
     def eval_every(self) -> int:
