@@ -2,6 +2,7 @@
 
     python -m bench.ablation --break rotation-geometry EXPERIMENT.py [EXPERIMENT ARGS...]
     python -m bench.ablation --break flip-geometry EXPERIMENT.py [EXPERIMENT ARGS...]
+    python -m bench.ablation --break augmentation-geometry EXPERIMENT.py [EXPERIMENT ARGS...]
     python -m bench.ablation --break depth-shift --depth-shift-m 2 EXPERIMENT.py [ARGS...]
 
 The held-out learning check (``python -m bench.learning_check --held-out --ablation ...``) trains
@@ -17,6 +18,11 @@ them), then run the experiment file as ``__main__`` with the remaining arguments
   flip-geometry      the same with the augmentation's horizontal flip (half the training
                      images): the matrix leaves the flip out, so the lift mirrors those images'
                      features within each camera's view.
+  augmentation-geometry
+                     the whole image augmentation (resize, crop, flip, rotation) on the image
+                     and its depth labels, and the matrix of the evaluation's fixed resize and
+                     crop given to ``get_geometry``: the loader as if it forgot to pass the
+                     augmentation's matrix on.
   depth-shift        every depth label is ``--depth-shift-m`` metres deeper than the lidar says
                      (1 m is one depth bin of the smoke experiment).
 
@@ -29,7 +35,7 @@ import runpy
 import sys
 from typing import Callable, Optional, Sequence
 
-BREAKS = ("rotation-geometry", "flip-geometry", "depth-shift")
+BREAKS = ("rotation-geometry", "flip-geometry", "augmentation-geometry", "depth-shift")
 
 
 def _matrix_without(dataset_module, left_out: str) -> None:
@@ -59,6 +65,37 @@ def break_rotation_geometry(dataset_module) -> None:
 def break_flip_geometry(dataset_module) -> None:
     """``img_transform`` returns the flipped image with the matrix of no flip."""
     _matrix_without(dataset_module, "flip")
+
+
+def break_augmentation_geometry(dataset_module) -> None:
+    """``img_transform`` returns the augmented image with the matrix of the evaluation's
+    transform: ``NuscDetDataset.sample_ida_augmentation`` draws the training augmentation as
+    before and also keeps what it returns with ``is_train`` off, which the next
+    ``img_transform`` calls (those of the same camera, every sweep) use for the matrix."""
+    from PIL import Image
+
+    dataset_cls = dataset_module.NuscDetDataset
+    original_sample = dataset_cls.sample_ida_augmentation
+    original_transform = dataset_module.img_transform
+    blank = Image.new("RGB", (1, 1))
+    evaluation = {}
+
+    def sample_ida_augmentation(self):
+        drawn = original_sample(self)
+        is_train, self.is_train = self.is_train, False
+        try:
+            evaluation["params"] = original_sample(self)
+        finally:
+            self.is_train = is_train
+        return drawn
+
+    def img_transform(img, resize, resize_dims, crop, flip, rotate):
+        image, _ = original_transform(img, resize, resize_dims, crop, flip, rotate)
+        _, ida_mat = original_transform(blank, *evaluation["params"])
+        return image, ida_mat
+
+    dataset_cls.sample_ida_augmentation = sample_ida_augmentation
+    dataset_module.img_transform = img_transform
 
 
 def shifted(load: Callable, shift_m: float) -> Callable:
@@ -97,6 +134,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         break_rotation_geometry(nusc_det_dataset)
     elif args.broken == "flip-geometry":
         break_flip_geometry(nusc_det_dataset)
+    elif args.broken == "augmentation-geometry":
+        break_augmentation_geometry(nusc_det_dataset)
     else:
         break_depth_labels(nusc_det_dataset, args.depth_shift_m)
     print(f"bench.ablation: {args.broken} broken on purpose"

@@ -53,6 +53,35 @@ def test_geometry_breaks_augment_the_image_but_not_the_matrix(name, flip, rotate
     assert not np.allclose(matrix.numpy(), true_matrix.numpy(), atol=1e-3)
 
 
+def test_augmentation_break_gives_the_evaluation_matrix():
+    from PIL import Image
+
+    from bench import ablation
+
+    module = _dataset_module()
+    # A subclass, so that the break's replacement method stays off the real class.
+    broken = types.SimpleNamespace(img_transform=module.img_transform,
+                                   NuscDetDataset=type("Dataset", (module.NuscDetDataset,), {}))
+    ablation.break_augmentation_geometry(broken)
+    dataset = object.__new__(broken.NuscDetDataset)
+    dataset.is_train = True
+    dataset.ida_aug_conf = dict(H=90, W=160, final_dim=(32, 88), resize_lim=(0.4, 0.6),
+                                bot_pct_lim=(0.0, 0.0), rot_lim=(-5.4, 5.4), rand_flip=True)
+    np.random.seed(3)
+    drawn = dataset.sample_ida_augmentation()
+    assert dataset.is_train
+    dataset.is_train = False
+    evaluation = module.NuscDetDataset.sample_ida_augmentation(dataset)
+    assert drawn != evaluation
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 160, 3), dtype=np.uint8))
+    image, matrix = broken.img_transform(img, *drawn)
+    true_image, true_matrix = module.img_transform(img, *drawn)
+    _, evaluation_matrix = module.img_transform(img, *evaluation)
+    assert np.array_equal(np.asarray(image), np.asarray(true_image))
+    assert np.allclose(matrix.numpy(), evaluation_matrix.numpy())
+    assert not np.allclose(matrix.numpy(), true_matrix.numpy(), atol=1e-3)
+
+
 def test_depth_break_shifts_only_the_depth_column():
     from bench import ablation
 
@@ -69,8 +98,10 @@ def test_depth_break_shifts_only_the_depth_column():
 @pytest.mark.slow
 @pytest.mark.parametrize("ablation_args", [[], ["--ablation", "rotation-geometry"],
                                            ["--ablation", "flip-geometry"],
+                                           ["--ablation", "augmentation-geometry"],
                                            ["--ablation", "depth-shift", "--depth-shift-m", "3"]],
-                         ids=["real", "rotation-geometry", "flip-geometry", "depth-shift"])
+                         ids=["real", "rotation-geometry", "flip-geometry", "augmentation-geometry",
+                              "depth-shift"])
 def test_held_out_check_runs_its_first_steps(tmp_path, ablation_args):
     _dataset_module()
     pytest.importorskip("nuscenes", reason=_bevdepth_helpers.ENV_REASON)
