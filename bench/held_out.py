@@ -3,7 +3,7 @@
 Run through the learning check's entry point (one command line for both checks):
 
     python -m bench.learning_check --held-out
-    python -m bench.learning_check --held-out --ablation rotation-geometry
+    python -m bench.learning_check --held-out --ablation augmentation-geometry
     python -m bench.learning_check --held-out --ablation depth-shift --depth-shift-m 2
 
 The dataset is ``bevdepth-npu synth --version v1.0-trainval``: ``--train-scenes`` scenes named
