@@ -38,9 +38,9 @@ from typing import Callable, Optional, Sequence
 BREAKS = ("rotation-geometry", "flip-geometry", "augmentation-geometry", "depth-shift")
 
 
-def _matrix_without(dataset_module, left_out: str) -> None:
-    """``img_transform`` returns the augmented image with the matrix of the same augmentation
-    less its rotation (``left_out="rotate"``) or its flip (``"flip"``)."""
+def _matrix_from(dataset_module, matrix_params: Callable) -> None:
+    """``img_transform`` returns the augmented image with the matrix of
+    ``matrix_params(resize, resize_dims, crop, flip, rotate)`` instead of its own."""
     from PIL import Image
 
     original = dataset_module.img_transform
@@ -49,9 +49,7 @@ def _matrix_without(dataset_module, left_out: str) -> None:
     def img_transform(img, resize, resize_dims, crop, flip, rotate):
         image, _ = original(img, resize, resize_dims, crop, flip, rotate)
         # The matrix depends on the parameters only: take it from a 1x1 image.
-        _, ida_mat = original(blank, resize, resize_dims, crop,
-                              False if left_out == "flip" else flip,
-                              0 if left_out == "rotate" else rotate)
+        _, ida_mat = original(blank, *matrix_params(resize, resize_dims, crop, flip, rotate))
         return image, ida_mat
 
     dataset_module.img_transform = img_transform
@@ -59,12 +57,14 @@ def _matrix_without(dataset_module, left_out: str) -> None:
 
 def break_rotation_geometry(dataset_module) -> None:
     """``img_transform`` returns the rotated image with the matrix of rotation 0."""
-    _matrix_without(dataset_module, "rotate")
+    _matrix_from(dataset_module, lambda resize, dims, crop, flip, rotate:
+                 (resize, dims, crop, flip, 0))
 
 
 def break_flip_geometry(dataset_module) -> None:
     """``img_transform`` returns the flipped image with the matrix of no flip."""
-    _matrix_without(dataset_module, "flip")
+    _matrix_from(dataset_module, lambda resize, dims, crop, flip, rotate:
+                 (resize, dims, crop, False, rotate))
 
 
 def break_augmentation_geometry(dataset_module) -> None:
@@ -72,12 +72,8 @@ def break_augmentation_geometry(dataset_module) -> None:
     transform: ``NuscDetDataset.sample_ida_augmentation`` draws the training augmentation as
     before and also keeps what it returns with ``is_train`` off, which the next
     ``img_transform`` calls (those of the same camera, every sweep) use for the matrix."""
-    from PIL import Image
-
     dataset_cls = dataset_module.NuscDetDataset
     original_sample = dataset_cls.sample_ida_augmentation
-    original_transform = dataset_module.img_transform
-    blank = Image.new("RGB", (1, 1))
     evaluation = {}
 
     def sample_ida_augmentation(self):
@@ -89,13 +85,8 @@ def break_augmentation_geometry(dataset_module) -> None:
             self.is_train = is_train
         return drawn
 
-    def img_transform(img, resize, resize_dims, crop, flip, rotate):
-        image, _ = original_transform(img, resize, resize_dims, crop, flip, rotate)
-        _, ida_mat = original_transform(blank, *evaluation["params"])
-        return image, ida_mat
-
     dataset_cls.sample_ida_augmentation = sample_ida_augmentation
-    dataset_module.img_transform = img_transform
+    _matrix_from(dataset_module, lambda *drawn: evaluation["params"])
 
 
 def shifted(load: Callable, shift_m: float) -> Callable:
