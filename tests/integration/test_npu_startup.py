@@ -10,7 +10,8 @@ Checked:
   - a missing mx_driving stops start-up with the release to install;
   - core binding (BEVDEPTH_NPU_BIND_CORES=1) in real Lightning DDP with two CPU processes: every
     thread of each rank, including one started before binding, is on the rank's share of the
-    cores; evaluation is never bound; nothing is bound by default;
+    cores; evaluation is never bound; nothing is bound by default; the process group is ended
+    when the run is over (a gloo group left to the interpreter's exit can abort the process);
   - CPU_AFFINITY_CONF is chosen from the installed torch_npu's version (2.1.0.post6: 1,
     2.1.0.post10: 2, older: binding by the process itself), an exported value is kept, and it
     is set before start-up's first torch.npu call (torch_npu reads it when it initialises a
@@ -202,6 +203,25 @@ def test_evaluation_and_default_runs_are_not_bound(tmp_path) -> None:
     for threads in [*affinities(tmp_path / "eval", "validate").values(),
                     *affinities(tmp_path / "free", "fit").values()]:
         assert all(cores == allowed for cores in threads.values()), threads
+
+
+def test_a_gloo_process_group_is_ended_once_and_only_if_started(tmp_path) -> None:
+    """What an experiment's command line and the probe call when the run is over: a gloo group
+    left to the interpreter's exit can abort a finished process (status -6). The two-rank case,
+    where destroying without the barrier first deadlocked, is the probe's."""
+    from torch import distributed as dist
+    from bevdepth.utils import torch_dist
+    torch_dist.end_gloo_process_group()  # none started: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        dist.all_reduce(torch.ones(3))
+        torch_dist.end_gloo_process_group()
+        assert not dist.is_initialized()
+        torch_dist.end_gloo_process_group()  # a second call is harmless
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_cores_for_rank_splits_the_allowed_cores() -> None:

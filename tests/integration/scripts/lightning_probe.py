@@ -2,7 +2,8 @@
 trained with the patched Lightning 1.6.5 (torch 2 MultiStepLR, optional DDP on CPU). It starts
 the way a BEVDepth experiment does (``bevdepth.utils.device.start``, with core binding for
 training unless --evaluate) and records the CPU affinity of every thread of each rank during fit
-or validate into OUT_DIR/affinity_<fn>_<rank>.json.
+or validate into OUT_DIR/affinity_<fn>_<rank>.json. Like an experiment's command line, it ends the
+process group when the run is over (bevdepth.utils.torch_dist.end_gloo_process_group).
 
     python lightning_probe.py OUT_DIR [--ddp N] [--evaluate]
 """
@@ -72,9 +73,11 @@ def main() -> None:
     model = Probe(args.out_dir)
     if args.evaluate:
         trainer.validate(model, loader)
-        return
-    trainer.fit(model, loader, loader)
-    if trainer.global_rank == 0:
+    else:
+        trainer.fit(model, loader, loader)
+    from bevdepth.utils.torch_dist import end_gloo_process_group
+    end_gloo_process_group()
+    if trainer.global_rank == 0 and not args.evaluate:
         (args.out_dir / "lr.json").write_text(json.dumps(trainer.optimizers[0].param_groups[0]["lr"]))
 
 
