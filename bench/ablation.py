@@ -4,6 +4,7 @@
     python -m bench.ablation --break flip-geometry EXPERIMENT.py [EXPERIMENT ARGS...]
     python -m bench.ablation --break augmentation-geometry EXPERIMENT.py [EXPERIMENT ARGS...]
     python -m bench.ablation --break depth-shift --depth-shift-m 2 EXPERIMENT.py [ARGS...]
+    python -m bench.ablation --break no-depth-labels EXPERIMENT.py [EXPERIMENT ARGS...]
 
 The held-out learning check (``python -m bench.learning_check --held-out --ablation ...``) trains
 through this wrapper to show that its held-out mAP falls when the port's geometry is wrong, as it
@@ -25,6 +26,10 @@ them), then run the experiment file as ``__main__`` with the remaining arguments
                      augmentation's matrix on.
   depth-shift        every depth label is ``--depth-shift-m`` metres deeper than the lidar says
                      (1 m is one depth bin of the smoke experiment).
+  no-depth-labels    no depth label at all, as a loader that lost the lidar would give: the
+                     depth loss sees no foreground pixel, and only the detection loss, through
+                     the lift, trains the depth net. What depth supervision is worth: a shift
+                     that pushes labels past the last bin drops them, tending to this.
 
 Evaluation never augments, and never reads depth labels, so it runs the experiment unbroken.
 """
@@ -35,7 +40,8 @@ import runpy
 import sys
 from typing import Callable, Optional, Sequence
 
-BREAKS = ("rotation-geometry", "flip-geometry", "augmentation-geometry", "depth-shift")
+BREAKS = ("rotation-geometry", "flip-geometry", "augmentation-geometry", "depth-shift",
+          "no-depth-labels")
 
 
 def _matrix_from(dataset_module, matrix_params: Callable) -> None:
@@ -100,10 +106,29 @@ def shifted(load: Callable, shift_m: float) -> Callable:
     return load_shifted
 
 
+def emptied(load: Callable) -> Callable:
+    """``load`` with none of its rows."""
+
+    def load_empty(*args, **kwargs):
+        return load(*args, **kwargs)[:0].copy()
+
+    return load_empty
+
+
+def _depth_labels_through(dataset_module, change: Callable) -> None:
+    """Depth labels, precomputed (``load_depth_gt``) or projected on the fly, through ``change``."""
+    dataset_module.load_depth_gt = change(dataset_module.load_depth_gt)
+    dataset_module.project_lidar_depth = change(dataset_module.project_lidar_depth)
+
+
 def break_depth_labels(dataset_module, shift_m: float) -> None:
-    """Depth labels, precomputed (``load_depth_gt``) or projected on the fly, ``shift_m`` deeper."""
-    dataset_module.load_depth_gt = shifted(dataset_module.load_depth_gt, shift_m)
-    dataset_module.project_lidar_depth = shifted(dataset_module.project_lidar_depth, shift_m)
+    """Every depth label ``shift_m`` deeper."""
+    _depth_labels_through(dataset_module, lambda load: shifted(load, shift_m))
+
+
+def drop_depth_labels(dataset_module) -> None:
+    """No depth label at all."""
+    _depth_labels_through(dataset_module, emptied)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,8 +152,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         break_flip_geometry(nusc_det_dataset)
     elif args.broken == "augmentation-geometry":
         break_augmentation_geometry(nusc_det_dataset)
-    else:
+    elif args.broken == "depth-shift":
         break_depth_labels(nusc_det_dataset, args.depth_shift_m)
+    else:
+        drop_depth_labels(nusc_det_dataset)
     print(f"bench.ablation: {args.broken} broken on purpose"
           + (f" ({args.depth_shift_m:g} m)" if args.broken == "depth-shift" else ""), flush=True)
     sys.argv = [args.experiment, *args.args]

@@ -126,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     held.add_argument("--eval-every-epochs", type=positive_int, default=DEFAULT_EVAL_EVERY_EPOCHS,
                       help="evaluate every N epochs and at the end (default %(default)s)")
     held.add_argument("--ablation", choices=("none",) + BREAKS, default="none",
-                      help="train with the geometry broken on purpose (bench/ablation.py; "
-                           "default %(default)s)")
+                      help="train with a piece of the geometry or the depth labels broken on "
+                           "purpose (bench/ablation.py; default %(default)s)")
     held.add_argument("--depth-shift-m", type=float, default=1.0,
                       help="--ablation depth-shift: metres added to every depth label "
                            "(default %(default)s)")

@@ -95,13 +95,30 @@ def test_depth_break_shifts_only_the_depth_column():
     assert rows[0, 2] == 5.0   # the loaded array itself is left alone
 
 
+def test_no_depth_labels_break_gives_empty_rows_the_loader_can_use():
+    from bench import ablation
+
+    module = _dataset_module()
+    rows = np.array([[10.0, 20.0, 5.0], [30.0, 40.0, 12.5]], dtype=np.float32)
+    broken = types.SimpleNamespace(load_depth_gt=lambda path: rows,
+                                   project_lidar_depth=lambda *a: rows)
+    ablation.drop_depth_labels(broken)
+    for got in (broken.load_depth_gt("x.bin"), broken.project_lidar_depth(1, 2, 3, 4)):
+        assert got.shape == (0, 3) and got.dtype == rows.dtype
+        # the loader's own transform turns them into a depth map with no label anywhere
+        depth = module.depth_transform(got, 0.5, (32, 88), (0, 0, 88, 32), False, 0.0)
+        assert tuple(depth.shape) == (32, 88) and not depth.any()
+    assert len(rows) == 2   # the loaded array itself is left alone
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ablation_args", [[], ["--ablation", "rotation-geometry"],
                                            ["--ablation", "flip-geometry"],
                                            ["--ablation", "augmentation-geometry"],
-                                           ["--ablation", "depth-shift", "--depth-shift-m", "3"]],
+                                           ["--ablation", "depth-shift", "--depth-shift-m", "3"],
+                                           ["--ablation", "no-depth-labels"]],
                          ids=["real", "rotation-geometry", "flip-geometry", "augmentation-geometry",
-                              "depth-shift"])
+                              "depth-shift", "no-depth-labels"])
 def test_held_out_check_runs_its_first_steps(tmp_path, ablation_args):
     _dataset_module()
     pytest.importorskip("nuscenes", reason=_bevdepth_helpers.ENV_REASON)
