@@ -142,20 +142,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def apply(broken: str, dataset_module, depth_shift_m: float = 1.0) -> None:
+    """Break ``broken`` (one of BREAKS) in ``dataset_module``."""
+    if broken == "rotation-geometry":
+        break_rotation_geometry(dataset_module)
+    elif broken == "flip-geometry":
+        break_flip_geometry(dataset_module)
+    elif broken == "augmentation-geometry":
+        break_augmentation_geometry(dataset_module)
+    elif broken == "depth-shift":
+        break_depth_labels(dataset_module, depth_shift_m)
+    elif broken == "no-depth-labels":
+        drop_depth_labels(dataset_module)
+    else:
+        raise ValueError(f"unknown break {broken!r}; one of {', '.join(BREAKS)}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from bevdepth.datasets import nusc_det_dataset
 
-    if args.broken == "rotation-geometry":
-        break_rotation_geometry(nusc_det_dataset)
-    elif args.broken == "flip-geometry":
-        break_flip_geometry(nusc_det_dataset)
-    elif args.broken == "augmentation-geometry":
-        break_augmentation_geometry(nusc_det_dataset)
-    elif args.broken == "depth-shift":
-        break_depth_labels(nusc_det_dataset, args.depth_shift_m)
-    else:
-        drop_depth_labels(nusc_det_dataset)
+    apply(args.broken, nusc_det_dataset, args.depth_shift_m)
     print(f"bench.ablation: {args.broken} broken on purpose"
           + (f" ({args.depth_shift_m:g} m)" if args.broken == "depth-shift" else ""), flush=True)
     sys.argv = [args.experiment, *args.args]

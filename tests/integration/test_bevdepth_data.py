@@ -5,6 +5,9 @@ camera images and infos.pkl, but no lidar file: the tests write a synthetic LIDA
 where the info points):
   - NuscDetDataset gives the same depth labels whether it reads depth_gt/<image>.bin or projects
     the lidar sweep on the fly, without and with image augmentation;
+  - the depth labels of augmented images agree with the matrices the model lifts them through
+    (a lidar point at each label's pixel and depth), and bench/ablation.py's breaks, a half-bin
+    depth shift among them, fail that;
   - scripts/gen_depth_gt.py resumes, writes atomically, counts written/skipped/failed files and
     exits non-zero on failures;
   - scripts/gen_info.py and scripts/gen_depth_gt.py reject bad arguments with clear messages;
@@ -26,6 +29,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -253,6 +257,111 @@ def test_depth_gt_file_holds_unaugmented_projection(data_root: Path) -> None:
         assert np.array_equal(stored, expected), cam
         # Pixel coordinates of the 1600 x 900 original, not of the 704 x 256 network input.
         assert stored[:, 0].max() > 704 and stored[:, 1].max() > 256
+
+
+# --- depth labels agree with the matrices the model lifts them through ---------------------
+
+def _pose(record: dict) -> np.ndarray:
+    """4x4 of a devkit calibrated_sensor or ego_pose record (rotation w, x, y, z; translation)."""
+    from pyquaternion import Quaternion
+    mat = np.eye(4)
+    mat[:3, :3] = Quaternion(record["rotation"]).rotation_matrix
+    mat[:3, 3] = record["translation"]
+    return mat
+
+
+def depth_label_agreement(root: Path, item: list) -> List[Tuple[int, float]]:
+    """Per camera of the key frame: (labelled pixels, share of them that a lidar point lands on
+    with the label's depth). The reference projects the lidar points into each augmented image
+    through the matrices the item gives the model (sensor2ego, intrinsics, image augmentation),
+    which get_geometry inverts to lift a pixel at a depth; a label is where some point falls
+    within a pixel of it at its depth (1 cm)."""
+    (info,) = load_infos(root)
+    lidar = info["lidar_infos"]["LIDAR_TOP"]
+    points = nusc_det_dataset.load_lidar_points(str(root), info["lidar_infos"])[:, :3]
+    lidar2global = _pose(lidar["ego_pose"]) @ _pose(lidar["calibrated_sensor"])
+    points = np.concatenate([points, np.ones((len(points), 1))], axis=1).astype(np.float64)
+    sensor2ego, intrin, ida = (item[i][0].double().numpy() for i in (1, 2, 3))
+    depth_labels = item[DEPTH_INDEX][0].numpy()
+    height, width = depth_labels.shape[-2:]
+    shares = []
+    for cam, cam_name in enumerate(CAMS):
+        ego2global = _pose(info["cam_infos"][cam_name]["ego_pose"])
+        cam_points = (np.linalg.inv(sensor2ego[cam]) @ np.linalg.inv(ego2global)
+                      @ lidar2global @ points.T)
+        cam_points = cam_points[:, cam_points[2] > 0.1]
+        pixels = intrin[cam] @ cam_points
+        pixels[:2] /= pixels[2]
+        u, v, d = (ida[cam] @ pixels)[:3]
+        # every point counts for the pixels within one of it: rounding is not what is checked
+        keys, depths = [], []
+        for du in (-1, 0, 1):
+            for dv in (-1, 0, 1):
+                keys.append(np.floor(v + dv) * width + np.floor(u + du))
+                depths.append(d)
+        order_key = np.concatenate(keys) * 1000.0 + np.concatenate(depths)
+        order_key.sort()
+        rows, cols = np.nonzero(depth_labels[cam])
+        label_depth = depth_labels[cam][rows, cols].astype(np.float64)
+        wanted = (rows * width + cols) * 1000.0 + label_depth
+        at = np.searchsorted(order_key, wanted - 0.01).clip(max=len(order_key) - 1)
+        matched = np.abs(order_key[at] - wanted) <= 0.01
+        shares.append((len(rows), float(matched.mean()) if len(rows) else 0.0))
+    return shares
+
+
+AGREEMENT_SEEDS = [0, 1, 2, 3]
+
+
+def training_items(root: Path) -> List[list]:
+    return [get_item(make_dataset(root, is_train=True), seed) for seed in AGREEMENT_SEEDS]
+
+
+def agreement(root: Path, items: List[list]) -> List[List[Tuple[int, float]]]:
+    return [depth_label_agreement(root, item) for item in items]
+
+
+def agrees(per_item: List[List[Tuple[int, float]]]) -> bool:
+    """Every camera of every item has labels (the sweep puts hundreds in each), nearly all on
+    a lidar point at their depth."""
+    return all(labels >= 100 and share >= 0.99 for cams in per_item for labels, share in cams)
+
+
+def test_depth_labels_lie_where_the_model_lifts_them(data_root: Path) -> None:
+    """The depth labels of augmented training images agree with the matrices the model gets:
+    get_geometry, lifting a labelled pixel at its label's depth, lands on the lidar point the
+    label came from. A shift of the labels by one depth bin, or an augmentation the matrices
+    do not carry, breaks this (the next test); the held-out learning check cannot see a depth
+    shift (README, "Held-out check")."""
+    items = training_items(data_root)
+    per_item = agreement(data_root, items)
+    assert agrees(per_item), per_item
+    ida_mats = torch.stack([item[3] for item in items])
+    # the seeds exercise the augmentation: some images flipped, some not, most rotated
+    assert (ida_mats[..., 0, 0] < 0).any() and (ida_mats[..., 0, 0] > 0).any(), "no flip"
+    assert (ida_mats[..., 0, 1].abs() > 1e-3).float().mean() > 0.5, "no rotation"
+
+
+@pytest.mark.parametrize("broken,shift_m", [("depth-shift", 1.0), ("depth-shift", -0.5),
+                                            ("no-depth-labels", None),
+                                            ("flip-geometry", None),
+                                            ("rotation-geometry", None),
+                                            ("augmentation-geometry", None)])
+def test_depth_label_agreement_fails_for_each_break(data_root: Path, monkeypatch, broken,
+                                                   shift_m) -> None:
+    """bench/ablation.py's breaks, through the dataset module the loader calls: each one fails
+    the agreement, including a half-bin depth shift that the held-out check cannot see."""
+    from bench import ablation
+    module = types.SimpleNamespace(
+        img_transform=nusc_det_dataset.img_transform,
+        load_depth_gt=nusc_det_dataset.load_depth_gt,
+        project_lidar_depth=nusc_det_dataset.project_lidar_depth,
+        # a subclass: a break that replaces a method leaves the real class alone
+        NuscDetDataset=type("Dataset", (nusc_det_dataset.NuscDetDataset,), {}))
+    ablation.apply(broken, module, shift_m or 0.0)
+    for name, value in vars(module).items():
+        monkeypatch.setattr(nusc_det_dataset, name, value)
+    assert not agrees(agreement(data_root, training_items(data_root)))
 
 
 # --- gen_depth_gt.py ----------------------------------------------------------------------
