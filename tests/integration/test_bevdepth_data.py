@@ -217,6 +217,7 @@ def assert_depth_gt_matches(root: Path, is_train: bool, seeds: List[int], **data
     return on_the_fly
 
 
+@pytest.mark.slow
 def test_depth_gt_equals_projection_without_augmentation(data_root: Path) -> None:
     (item,) = assert_depth_gt_matches(data_root, is_train=False, seeds=[0])
     assert item[DEPTH_INDEX].shape == (1, 6, 256, 704)
@@ -459,6 +460,7 @@ def test_gen_info_rejects_missing_data_root(tmp_path: Path) -> None:
     assert f"--data-root {missing} is not a directory" in proc.stderr
 
 
+@pytest.mark.slow
 def test_gen_info_rejects_missing_version_folder(tmp_path: Path) -> None:
     proc = run_script(GEN_INFO, "--data-root", str(tmp_path), "--version", "v1.0-mini")
     assert proc.returncode != 0
@@ -481,6 +483,7 @@ def test_gen_info_refuses_mini_and_trainval_into_one_folder(tmp_path: Path) -> N
 
 # --- upstream's dataset test --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_upstream_dataset_test_passes(tmp_path: Path) -> None:
     report = tmp_path / "report.xml"
     # No cache directory: the checkout must stay clean for the patch export.

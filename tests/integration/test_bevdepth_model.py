@@ -343,6 +343,7 @@ runpy.run_module('bevdepth.exps.nuscenes.mv.bev_depth_lss_r50_256x704_128x128_24
 """
 
 
+@pytest.mark.slow
 def test_cli_stops_at_start_without_weights(tmp_path: Path) -> None:
     env = helpers.subprocess_env()
     env["TORCH_HOME"] = str(tmp_path / "torch")

@@ -95,6 +95,7 @@ def test_every_check_passes_on_cpu_and_leaves_only_the_json(synth_root, tmp_path
     assert sorted(p.name for p in work.rglob("*")) == ["doctor.json", "out"]
 
 
+@pytest.mark.slow
 def test_quick_mode_skips_the_model_step_and_the_collective(tmp_path) -> None:
     proc = doctor("--quick", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -136,6 +137,7 @@ def test_reverted_lightning_patch_fails(tmp_path) -> None:
     _fails_with(proc, "patch.lightning", "pristine: the patch is not applied")
 
 
+@pytest.mark.slow
 def test_foreign_torch_version_fails(tmp_path) -> None:
     info = tmp_path / "site" / "torch-2.2.0.dist-info"
     info.mkdir(parents=True)
@@ -144,6 +146,7 @@ def test_foreign_torch_version_fails(tmp_path) -> None:
     _fails_with(proc, "stack.torch", "torch 2.2.0 is installed; the pin is 2.1.0")
 
 
+@pytest.mark.slow
 def test_mmcv_without_its_ops_fails(tmp_path) -> None:
     import mmcv
     shadow = tmp_path / "site"

@@ -354,6 +354,7 @@ def test_fused_r50_step_equals_the_product_step(tmp_path: Path) -> None:
         assert helpers.relative_error(got_preds[name], want_preds[name]) <= 1e-5, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,fusion", [("mv.bev_stereo_lss_r50_256x704_128x128_24e_2key", False),
                                          ("fusion.bev_depth_fusion_lss_r50_256x704_128x128_24e",
                                           True)])

@@ -68,6 +68,7 @@ def mx(monkeypatch):
     return double.install(monkeypatch)
 
 
+@pytest.mark.slow
 def test_r50_shapes_stay_inside_the_limits_and_equal_the_reference(mx) -> None:
     batch, points, channels = 8, 6 * 112 * 16 * 44, 80
     assert batch * points * channels > double.DOCUMENTED_LIMITS["elements"]  # must be split
