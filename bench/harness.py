@@ -330,18 +330,27 @@ def memory_total_bytes() -> Optional[int]:
     return None
 
 
-def machine_info() -> Dict[str, Any]:
-    """What the figures were measured on. torch and friends are read if importable."""
+VERSIONED_MODULES = ("torch", "numpy", "PIL", "mmcv", "mmdet", "mmdet3d", "pytorch_lightning")
+
+
+def machine_info(modules: Sequence[str] = VERSIONED_MODULES) -> Dict[str, Any]:
+    """What the figures were measured on. The versions of ``modules`` are read if importable
+    (each is imported: leave out the heavy ones where the caller does not use them)."""
     info: Dict[str, Any] = dict(
         cpu_model=cpu_model(), logical_cores=os.cpu_count(), usable_cores=usable_cores(),
         memory_total_bytes=memory_total_bytes(), python=platform.python_version(),
         platform=platform.platform(),
         load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
-    for module in ("torch", "numpy", "PIL", "mmcv", "mmdet", "mmdet3d", "pytorch_lightning"):
+    for module in modules:
         info[f"{module}_version"] = _module_version(module)
     try:
         import torch
         info["torch_threads"] = torch.get_num_threads()
+        # The CPU kernel set torch dispatches to (AVX2, AVX512, ...): two machines with
+        # different sets round differently, so a long training run's figures differ too.
+        cpu_backend = getattr(torch.backends, "cpu", None)  # torch >= 2.1
+        info["torch_cpu_capability"] = (cpu_backend.get_cpu_capability()
+                                        if cpu_backend is not None else None)
         info["cuda_available"] = torch.cuda.is_available()
         if info["cuda_available"]:
             info["cuda_device"] = torch.cuda.get_device_name(0)

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from bench.ablation import BREAKS
+from bench.harness import machine_info
 from bevdepth_npu import devices
 from bevdepth_npu.synth import taxonomy as tx
 from bevdepth_npu.fsutil import atomic_write
@@ -360,6 +361,8 @@ class Check:
                           num_workers=self.workers, torch_threads=self.env.get("OMP_NUM_THREADS"),
                           experiment=str(EXP_RELATIVE), info_copies=self.copies),
             wall_time_s=round(time.time() - self.started_s, 1),
+            # the CPU and torch's kernel set on it: runs on machines with different sets differ
+            machine=machine_info(("torch", "numpy")),
             notes=([] if steps else [f"no {STEPS_FILE} records from the training: no loss per "
                                      "step; training time is the wall time of the training "
                                      "processes"]))

@@ -134,6 +134,7 @@ def test_held_out_check_runs_its_first_steps(tmp_path, ablation_args):
     assert proc.returncode == 0, proc.stdout[-3000:]
     result = json.loads((out / "learning_check.json").read_text())
     assert result["held_out"] is True and result["target_mAP"] == 0.4
+    assert result["machine"]["cpu_model"] and result["machine"]["torch_cpu_capability"]
     assert result["ablation"] == (ablation_args[1] if ablation_args else "none")
     assert result["settings"]["train_samples"] == 4 and result["settings"]["samples"] == 2
     assert [s["step"] for s in result["steps"]] == [1, 2]

@@ -219,6 +219,9 @@ def test_machine_info_names_the_machine():
     assert info["usable_cores"] >= 1
     assert info["python"].count(".") == 2
     assert "torch_version" in info
+    if info["torch_version"]:
+        assert info["torch_cpu_capability"] in (  # torch/backends/cpu/__init__.py
+            "DEFAULT", "VSX", "Z VECTOR", "NO AVX", "AVX2", "AVX512")
     json.dumps(info)
 
 
