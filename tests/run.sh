@@ -13,7 +13,7 @@
 #   BEVDEPTH_NPU_DEVICE=cpu|cuda|npu|auto   environment to test in (default here: cpu; `env`
 #                                           checks the name)
 #   BEVDEPTH_NPU_PYTHON=python3             interpreter that runs bevdepth-npu, seeds the venv
-# The quick loop (no builds, trainings, upstream runs or registry look-ups; under 3 minutes):
+# The quick loop (no builds, trainings, upstream runs or registry look-ups; about 3 minutes):
 #   bash tests/run.sh -m "not slow and not network"
 set -euo pipefail
 
