@@ -347,7 +347,7 @@ def machine_info(modules: Sequence[str] = VERSIONED_MODULES) -> Dict[str, Any]:
         import torch
         info["torch_threads"] = torch.get_num_threads()
         # The CPU kernel set torch dispatches to (AVX2, AVX512, ...): two machines with
-        # different sets round differently, so a long training run's figures differ too.
+        # different sets may round differently, so a long training run's figures may differ.
         cpu_backend = getattr(torch.backends, "cpu", None)  # torch >= 2.1
         info["torch_cpu_capability"] = (cpu_backend.get_cpu_capability()
                                         if cpu_backend is not None else None)

@@ -361,7 +361,7 @@ class Check:
                           num_workers=self.workers, torch_threads=self.env.get("OMP_NUM_THREADS"),
                           experiment=str(EXP_RELATIVE), info_copies=self.copies),
             wall_time_s=round(time.time() - self.started_s, 1),
-            # the CPU and torch's kernel set on it: runs on machines with different sets differ
+            # the CPU and torch's kernel set on it: runs on machines with different sets may differ
             machine=machine_info(("torch", "numpy")),
             notes=([] if steps else [f"no {STEPS_FILE} records from the training: no loss per "
                                      "step; training time is the wall time of the training "
