@@ -344,6 +344,7 @@ def test_depth_labels_lie_where_the_model_lifts_them(data_root: Path) -> None:
 
 
 @pytest.mark.parametrize("broken,shift_m", [("depth-shift", 1.0), ("depth-shift", -0.5),
+                                            ("depth-shift", 0.1),
                                             ("no-depth-labels", None),
                                             ("flip-geometry", None),
                                             ("rotation-geometry", None),
