@@ -263,12 +263,10 @@ def test_depth_gt_file_holds_unaugmented_projection(data_root: Path) -> None:
 # --- depth labels agree with the matrices the model lifts them through ---------------------
 
 def _pose(record: dict) -> np.ndarray:
-    """4x4 of a devkit calibrated_sensor or ego_pose record (rotation w, x, y, z; translation)."""
+    """4x4 of a devkit calibrated_sensor or ego_pose record, by the devkit's own function."""
+    from nuscenes.utils.geometry_utils import transform_matrix
     from pyquaternion import Quaternion
-    mat = np.eye(4)
-    mat[:3, :3] = Quaternion(record["rotation"]).rotation_matrix
-    mat[:3, 3] = record["translation"]
-    return mat
+    return transform_matrix(record["translation"], Quaternion(record["rotation"]))
 
 
 def depth_label_agreement(root: Path, item: list) -> List[Tuple[int, float]]:
